@@ -1,0 +1,5 @@
+import sys
+
+from sirocco.cli import main
+
+sys.exit(main())
