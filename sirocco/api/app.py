@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
 from sirocco import __version__
-from sirocco.api import models
+from sirocco.api import completions, embeddings, models
 from sirocco.api.auth import require_api_key
 from sirocco.api.errors import install_error_handlers
 from sirocco.api.state import ServerState
@@ -18,7 +18,7 @@ from sirocco.api.state import ServerState
 log = logging.getLogger(__name__)
 
 #: Routers of the /v1 API, all behind the API key when one is configured.
-V1_ROUTERS = [models.router]
+V1_ROUTERS = [models.router, completions.router, embeddings.router]
 
 
 def create_app(state: ServerState) -> FastAPI:

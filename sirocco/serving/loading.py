@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sirocco.config import Settings
+from sirocco.engine import AsyncEngine, EngineConfig, build_engine
 from sirocco.models.demo import ensure_demo_model
 from sirocco.models.loader import (
     Checkpoint,
@@ -69,7 +70,7 @@ def load_generative_model(
             f"vocabulary has only {ckpt.config.vocab_size}"
         )
     weights = load_weights(ckpt, dtype)
-    engine = _build_engine(ckpt, weights, settings, dtype, device)
+    engine = _build_engine(ckpt, weights, settings, dtype, device, tokenizer.eos_token_ids)
     log.info(
         "loaded %s from %s (%s layout, %s tokenizer, %s on %s)",
         model_id,
@@ -98,12 +99,13 @@ def load_generative_model(
 
 
 def _build_engine(
-    ckpt: Checkpoint, weights: dict, settings: Settings, dtype: torch.dtype, device: str
-):
-    try:
-        from sirocco.engine import EngineConfig, build_engine
-    except ImportError:  # the engine is optional while it is being built
-        return None
+    ckpt: Checkpoint,
+    weights: dict,
+    settings: Settings,
+    dtype: torch.dtype,
+    device: str,
+    eos_token_ids: list[int],
+) -> AsyncEngine:
     engine_config = EngineConfig(
         kv_cache_memory=settings.kv_cache_memory,
         max_num_seqs=settings.max_num_seqs,
@@ -111,6 +113,7 @@ def _build_engine(
         max_model_len=ckpt.config.max_position_embeddings,
         dtype=dtype,
         device=device,
+        eos_token_ids=tuple(eos_token_ids),
     )
     return build_engine(ckpt.config, weights, engine_config)
 

@@ -53,6 +53,9 @@ class Tokenizer(ABC):
     supports_tools: bool = True
     #: Short name of the backend, for logs and model cards.
     backend: str = ""
+    #: Text that opens a tool call when calls are written as text (Hermes `<tool_call>`);
+    #: None when a control token opens them. Streaming holds back what could begin it.
+    tool_call_marker: str | None = None
 
     @abstractmethod
     def encode_chat(
@@ -91,6 +94,10 @@ class Tokenizer(ABC):
     def token_text(self, token_id: int) -> str:
         """A readable form of one token, for logprobs."""
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def tool_call_start(self, token_ids: list[int]) -> int | None:
+        """Index of the token where a tool call begins in a generation, if one has."""
+        return None
 
     def parse_output(self, token_ids: list[int], tools_enabled: bool) -> ParsedOutput:
         """Split a finished generation into content and tool calls (from token ids)."""

@@ -137,6 +137,11 @@ class MistralCommonTokenizer(Tokenizer):
     def is_special(self, token_id: int) -> bool:
         return bool(self._raw.is_special(token_id))
 
+    def tool_call_start(self, token_ids: list[int]) -> int | None:
+        if self.tool_calls_id is None or self.tool_calls_id not in token_ids:
+            return None
+        return token_ids.index(self.tool_calls_id)
+
     def parse_output(self, token_ids: list[int], tools_enabled: bool) -> ParsedOutput:
         ids = list(token_ids)
         if not tools_enabled or self.tool_calls_id is None or self.tool_calls_id not in ids:

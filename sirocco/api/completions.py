@@ -1,0 +1,198 @@
+"""`POST /v1/chat/completions` and `POST /v1/fim/completions`: JSON or an SSE stream.
+
+The stream follows mistral-api.md 3.6: a first delta `{"role":"assistant","content":""}`,
+content deltas with `"finish_reason": null` written out, a last chunk per choice with its
+finish_reason (and usage on the very last), then `data: [DONE]`. Tool calls arrive whole
+in one delta. A client that goes away aborts its generation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from sirocco.api.errors import APIError
+from sirocco.api.state import ServerState, get_state
+from sirocco.engine import EngineError
+from sirocco.protocol.chat import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    FIMCompletionRequest,
+)
+from sirocco.serving.completions import prepare_chat, prepare_fim
+from sirocco.serving.generation import ChoiceDelta, GenerationJob, Usage, run_generation
+from sirocco.serving.registry import ServedModel
+
+router = APIRouter(tags=["completions"])
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    summary="Chat completion",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def chat_completions(
+    request: ChatCompletionRequest, state: ServerState = Depends(get_state)
+) -> Any:
+    served, job = prepare_chat(request, state.registry, state.settings.max_n)
+    # Mistral sends usage on the last chunk; OpenAI's stream_options.include_usage asks
+    # for a final chunk with no choices that carries it (and false for none at all).
+    usage_mode = "last"
+    if request.stream_options is not None:
+        usage_mode = "separate" if request.stream_options.include_usage else "none"
+    return await _answer(served, job, request.model, request.stream, usage_mode)
+
+
+@router.post(
+    "/v1/fim/completions",
+    response_model=ChatCompletionResponse,
+    summary="Fill-in-the-middle completion",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def fim_completions(
+    request: FIMCompletionRequest, state: ServerState = Depends(get_state)
+) -> Any:
+    served, job = prepare_fim(request, state.registry)
+    return await _answer(served, job, request.model, request.stream, "last")
+
+
+async def _answer(
+    served: ServedModel, job: GenerationJob, model: str, stream: bool, usage_mode: str
+) -> Any:
+    usage = Usage()
+    deltas = run_generation(served.engine, served.tokenizer, job, usage)
+    try:
+        first = await anext(deltas, None)  # engine errors (too long, ...) surface as a 4xx
+    except EngineError as exc:
+        raise APIError(400, str(exc)) from None
+    if stream:
+        return StreamingResponse(
+            _sse(job, model, first, deltas, usage, usage_mode),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    return JSONResponse(await _collect(job, model, first, deltas, usage))
+
+
+async def _collect(
+    job: GenerationJob,
+    model: str,
+    first: ChoiceDelta | None,
+    deltas: AsyncIterator[ChoiceDelta],
+    usage: Usage,
+) -> dict[str, Any]:
+    n = len(job.params)
+    content = [""] * n
+    logprobs: list[list[dict]] = [[] for _ in range(n)]
+    calls: list[Any] = [None] * n
+    finish: list[str] = ["error"] * n
+    pending = [first] if first else []
+    async for delta in _chain(pending, deltas):
+        content[delta.index] += delta.content
+        logprobs[delta.index].extend(delta.logprobs)
+        if delta.tool_calls:
+            calls[delta.index] = delta.tool_calls
+        if delta.finish_reason:
+            finish[delta.index] = delta.finish_reason
+    choices = []
+    for i in range(n):
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": content[i],
+            "tool_calls": _wire_calls(calls[i]),
+            "prefix": False,
+        }
+        choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish[i]}
+        if job.logprobs:
+            choice["logprobs"] = {"content": logprobs[i]}
+        choices.append(choice)
+    return {
+        "id": job.request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage.wire(),
+    }
+
+
+async def _chain(first: list[ChoiceDelta], rest: AsyncIterator[ChoiceDelta]):
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+def _wire_calls(calls: list[Any] | None) -> list[dict[str, Any]] | None:
+    if not calls:
+        return None
+    return [
+        {
+            "id": c.id,
+            "type": "function",
+            "index": i,
+            "function": {"name": c.name, "arguments": c.arguments},
+        }
+        for i, c in enumerate(calls)
+    ]
+
+
+async def _sse(
+    job: GenerationJob,
+    model: str,
+    first: ChoiceDelta | None,
+    deltas: AsyncIterator[ChoiceDelta],
+    usage: Usage,
+    usage_mode: str,
+) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    n = len(job.params)
+    open_choices = n
+
+    def chunk(choices: list[dict[str, Any]], usage_body: dict | None = None) -> bytes:
+        body = {
+            "id": job.request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage_body,
+        }
+        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+    try:
+        for i in range(n):
+            yield chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            )
+        async for delta in _chain([first] if first else [], deltas):
+            body: dict[str, Any] = {}
+            if delta.content:
+                body["content"] = delta.content
+            if delta.tool_calls:
+                body["tool_calls"] = _wire_calls(delta.tool_calls)
+            choice: dict[str, Any] = {
+                "index": delta.index,
+                "delta": body,
+                "finish_reason": delta.finish_reason,
+            }
+            if job.logprobs and delta.logprobs:
+                choice["logprobs"] = {"content": delta.logprobs}
+            last = False
+            if delta.finish_reason:
+                open_choices -= 1
+                last = open_choices == 0
+            yield chunk([choice], usage.wire() if last and usage_mode == "last" else None)
+        if usage_mode == "separate":
+            yield chunk([], usage.wire())
+        yield b"data: [DONE]\n\n"
+    finally:
+        await deltas.aclose()

@@ -1,0 +1,328 @@
+"""Wire shapes of chat and FIM completions: the Mistral spec plus the AI/ML API dialect.
+
+Requests forbid unknown fields (422 `extra_forbidden`), as the official spec does.
+Fields of both dialects are accepted on the same endpoint: Mistral's `random_seed` and
+OpenAI's `seed`, `max_tokens` and `max_completion_tokens`, and the sampling extras of the
+AI/ML API seed (`top_k`, `min_p`, `top_a`, `repetition_penalty`, `logit_bias`, ...).
+Ranges here are the union of both dialects (temperature up to 2, as the AI/ML API
+allows); checks that need the model (vocabulary, context length) live in the service.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- content chunks -------------------------------------------------------------------
+
+
+class TextChunk(Strict):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImageURL(Strict):
+    url: str
+    detail: Literal["low", "auto", "high"] | None = None
+
+
+class ImageURLChunk(Strict):
+    type: Literal["image_url"] = "image_url"
+    image_url: str | ImageURL
+
+
+class DocumentURLChunk(Strict):
+    type: Literal["document_url"] = "document_url"
+    document_url: str
+    document_name: str | None = None
+
+
+class ReferenceChunk(Strict):
+    type: Literal["reference"] = "reference"
+    reference_ids: list[int | str]
+
+
+class FileChunk(Strict):
+    type: Literal["file"] = "file"
+    file_id: str
+
+
+class ThinkChunk(Strict):
+    type: Literal["thinking"] = "thinking"
+    thinking: list[TextChunk | ReferenceChunk]
+    signature: str | None = None
+    closed: bool = True
+
+
+class InputAudioChunk(Strict):
+    type: Literal["input_audio"] = "input_audio"
+    input_audio: str
+
+
+ContentChunk = Annotated[
+    TextChunk
+    | ImageURLChunk
+    | DocumentURLChunk
+    | ReferenceChunk
+    | FileChunk
+    | ThinkChunk
+    | InputAudioChunk,
+    Field(discriminator="type"),
+]
+Content = str | list[ContentChunk]
+
+
+# -- tools ----------------------------------------------------------------------------
+
+
+class FunctionCall(Strict):
+    name: str
+    arguments: dict[str, Any] | str
+
+
+class ToolCall(Strict):
+    id: str = "null"
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    index: int = 0
+
+
+class Function(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str = ""
+    strict: bool = False
+    parameters: dict[str, Any] | None = None
+    required: list[str] | None = None  # the AI/ML API's example sends this beside parameters
+
+
+class Tool(Strict):
+    type: Literal["function"] = "function"
+    function: Function
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class ToolChoice(Strict):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+ToolChoiceEnum = Literal["auto", "none", "any", "required"]
+
+
+# -- messages -------------------------------------------------------------------------
+
+
+class SystemMessage(Strict):
+    role: Literal["system"] = "system"
+    content: str | list[TextChunk | ThinkChunk]
+    name: str | None = None
+
+
+class UserMessage(Strict):
+    role: Literal["user"] = "user"
+    content: Content | None
+    name: str | None = None
+
+
+class AssistantMessage(Strict):
+    role: Literal["assistant"] = "assistant"
+    content: Content | None = None
+    tool_calls: list[ToolCall] | None = None
+    prefix: bool = False
+    name: str | None = None
+
+
+class ToolMessage(Strict):
+    role: Literal["tool"] = "tool"
+    content: Content | None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+Message = Annotated[
+    SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
+]
+
+
+# -- request options ------------------------------------------------------------------
+
+
+class JsonSchema(Strict):
+    name: str
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool = False
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_needed(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema")
+        return self
+
+
+class Prediction(Strict):
+    type: Literal["content"] = "content"
+    content: str = ""
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class GuardrailConfig(BaseModel):
+    """Accepted in shape only: requests carrying guardrails are refused (no moderation)."""
+
+    model_config = ConfigDict(extra="allow")
+    block_on_error: bool = False
+
+
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
+class SamplingFields(Strict):
+    """Generation fields shared by chat and FIM."""
+
+    model: str
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    stream: bool = False
+    stop: str | list[str] | None = None
+    random_seed: Annotated[int, Field(ge=0)] | None = None
+    metadata: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> SamplingFields:
+        if (
+            self.min_tokens is not None
+            and self.max_tokens is not None
+            and self.min_tokens > self.max_tokens
+        ):
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        return self
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+
+class ChatCompletionRequest(SamplingFields):
+    """`POST /v1/chat/completions`, both dialects."""
+
+    messages: Annotated[list[Message], Field(min_length=1)]
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoiceEnum | ToolChoice = "auto"
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    n: Annotated[int, Field(ge=1)] | None = None
+    prediction: Prediction | None = None
+    parallel_tool_calls: bool = True
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
+        None
+    )
+    prompt_mode: Literal["reasoning"] | None = None
+    guardrails: list[GuardrailConfig] | None = None
+    service_tier: Literal["auto", "standard_only"] | None = None
+    safe_prompt: bool = False
+    # SDK 3.7 and the AI/ML API dialect:
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_a: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    prompt_logprobs: bool | None = None
+    top_prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    seed: int | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class FIMCompletionRequest(SamplingFields):
+    """`POST /v1/fim/completions`: code before (`prompt`) and after (`suffix`) the cursor."""
+
+    prompt: str
+    suffix: str | None = ""
+
+
+# -- responses ------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    token_id: int
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    index: int = 0
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
+    prefix: bool = False
+
+
+FinishReason = Literal["stop", "length", "model_length", "error", "tool_calls"]
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: FinishReason
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -1,0 +1,203 @@
+"""Chat completions as the SDKs and curl see them (demo model: its text is meaningless)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from mistralai.client import Mistral
+from openai import OpenAI
+
+from tests.conftest import Server
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture()
+def mistral(demo_server: Server) -> Mistral:
+    return Mistral(api_key="unused", server_url=demo_server.url)
+
+
+@pytest.fixture()
+def openai_client(demo_server: Server) -> OpenAI:
+    return OpenAI(api_key="unused", base_url=demo_server.url + "/v1")
+
+
+def post(server: Server, body: dict, path: str = "/v1/chat/completions") -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=60)
+
+
+def sse_events(server: Server, body: dict) -> list[str]:
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_mistral_sdk_chat_complete(mistral: Mistral) -> None:
+    res = mistral.chat.complete(model="mistral-tiny", messages=HELLO, max_tokens=5,
+                                temperature=0)
+    assert res.object == "chat.completion"
+    assert res.choices[0].finish_reason == "length"
+    assert isinstance(res.choices[0].message.content, str) and res.choices[0].message.content
+    assert res.usage.completion_tokens == 5
+    assert res.usage.total_tokens == res.usage.prompt_tokens + 5
+
+
+def test_mistral_sdk_chat_stream_matches_complete(mistral: Mistral) -> None:
+    args = dict(model="mistral-tiny", messages=HELLO, max_tokens=6, temperature=0)
+    full = mistral.chat.complete(**args).choices[0].message.content
+    streamed = ""
+    finish = None
+    for event in mistral.chat.stream(**args):
+        choice = event.data.choices[0]
+        streamed += choice.delta.content or ""
+        finish = choice.finish_reason or finish
+    assert streamed == full
+    assert finish == "length"
+
+
+def test_stream_wire_format(demo_server: Server) -> None:
+    events = sse_events(demo_server, {"model": "mistral-tiny", "messages": HELLO,
+                                      "max_tokens": 3, "stream": True})
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    for c in chunks[:-1]:
+        assert "finish_reason" in c["choices"][0] and c["choices"][0]["finish_reason"] is None
+        assert c["usage"] is None
+        assert c["object"] == "chat.completion.chunk"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_stream_options_include_usage_sends_a_usage_chunk(openai_client: OpenAI) -> None:
+    stream = openai_client.chat.completions.create(
+        model="mistral-tiny", messages=HELLO, max_tokens=3, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 3
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_openai_sdk_n_logprobs_and_seed(openai_client: OpenAI) -> None:
+    args = dict(model="mistral-tiny", messages=HELLO, max_tokens=4, n=3, seed=7,
+                temperature=1.0, logprobs=True, top_logprobs=2)
+    a = openai_client.chat.completions.create(**args)
+    b = openai_client.chat.completions.create(**args)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1  # choices differ from each other
+    tokens = a.choices[0].logprobs.content
+    assert len(tokens) == 4
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in tokens)
+    assert a.usage.completion_tokens == 12
+
+
+def test_openai_sdk_stream_interleaves_choices(openai_client: OpenAI) -> None:
+    stream = openai_client.chat.completions.create(
+        model="mistral-tiny", messages=HELLO, max_tokens=3, n=2, stream=True)
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in stream
+                if c.choices and c.choices[0].finish_reason}
+    assert finished == {0: "length", 1: "length"}
+
+
+def test_stop_string_is_not_returned(demo_server: Server) -> None:
+    body = {"model": "mistral-tiny", "messages": HELLO, "max_tokens": 12, "temperature": 0}
+    text = post(demo_server, body).json()["choices"][0]["message"]["content"]
+    stop = text[3:6]
+    res = post(demo_server, {**body, "stop": [stop]}).json()["choices"][0]
+    assert res["finish_reason"] == "stop"
+    assert res["message"]["content"] == text[: text.index(stop)]
+    streamed = "".join(
+        json.loads(e)["choices"][0]["delta"].get("content", "")
+        for e in sse_events(demo_server, {**body, "stop": stop, "stream": True})[:-1])
+    assert streamed == text[: text.index(stop)]
+
+
+def test_prefix_true_continues_the_assistant_message(demo_server: Server) -> None:
+    body = {"model": "mistral-tiny", "max_tokens": 3, "temperature": 0,
+            "messages": [*HELLO, {"role": "assistant", "content": "Sure", "prefix": True}]}
+    r = post(demo_server, body)
+    assert r.status_code == 200, r.text
+
+
+def test_logit_bias_forces_a_token(demo_server: Server) -> None:
+    body = {"model": "mistral-tiny", "messages": HELLO, "max_tokens": 3,
+            "logit_bias": {"1000": 100}, "logprobs": True}
+    tokens = post(demo_server, body).json()["choices"][0]["logprobs"]["content"]
+    assert [t["token_id"] for t in tokens] == [1000, 1000, 1000]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"store": True}, "store"),
+    ({"temperature": 3}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 0}, "n"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+])
+def test_invalid_fields_are_422_naming_the_field(demo_server: Server, body: dict,
+                                                 field: str) -> None:
+    r = post(demo_server, {"model": "mistral-tiny", "messages": HELLO, **body})
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert any(field in [str(p) for p in d["loc"]] for d in detail), detail
+
+
+def test_unknown_model_is_400_invalid_model(demo_server: Server) -> None:
+    r = post(demo_server, {"model": "mistral-large-latest", "messages": HELLO})
+    assert r.status_code == 400
+    assert r.json() == {"object": "error", "message": "Invalid model: mistral-large-latest",
+                        "type": "invalid_model", "param": "model", "code": "1500"}
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"max_tokens": 9000}, ["9000", "8192"]),
+    ({"messages": [*HELLO, {"role": "assistant", "content": "x"}]}, ["ends with an assistant"]),
+    ({"messages": [*HELLO, {"role": "tool", "content": "r", "tool_call_id": "abcdefghi"}]},
+     ["abcdefghi"]),
+    ({"guardrails": [{"block_on_error": True}]}, ["guardrails"]),
+    ({"logit_bias": {"99999": 1}}, ["99999", "vocabulary"]),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": "http://x/y.png"}]}]}, ["image_url", "text only"]),
+])
+def test_bad_requests_are_400_with_a_clear_message(demo_server: Server, body: dict,
+                                                  words: list[str]) -> None:
+    r = post(demo_server, {"model": "mistral-tiny", "messages": HELLO, **body})
+    assert r.status_code == 400, r.text
+    message = r.json()["message"]
+    for word in words:
+        assert word in message
+
+
+def test_n_above_the_server_maximum_is_422(demo_server: Server) -> None:
+    r = post(demo_server, {"model": "mistral-tiny", "messages": HELLO, "n": 1000})
+    assert r.status_code == 422
+
+
+def test_system_messages_anywhere_are_accepted(demo_server: Server) -> None:
+    messages = [*HELLO, {"role": "assistant", "content": "Hi"},
+                {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Bye"},
+                {"role": "user", "content": "again"}]
+    r = post(demo_server, {"model": "mistral-tiny", "messages": messages, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_tool_round_trip_is_encoded(mistral: Mistral) -> None:
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "abcDEF123", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "name": "get_weather", "content": "22C", "tool_call_id": "abcDEF123"},
+    ]
+    res = mistral.chat.complete(model="mistral-tiny", messages=messages, tools=tools,
+                                max_tokens=3, temperature=0)
+    assert res.choices[0].finish_reason in ("length", "stop", "tool_calls")
