@@ -177,6 +177,7 @@ def test_bad_requests_are_400_with_a_clear_message(demo_server: Server, body: di
 def test_n_above_the_server_maximum_is_422(demo_server: Server) -> None:
     r = post(demo_server, {"model": "mistral-tiny", "messages": HELLO, "n": 1000})
     assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "n"]
 
 
 def test_system_messages_anywhere_are_accepted(demo_server: Server) -> None:
@@ -201,3 +202,121 @@ def test_tool_round_trip_is_encoded(mistral: Mistral) -> None:
     res = mistral.chat.complete(model="mistral-tiny", messages=messages, tools=tools,
                                 max_tokens=3, temperature=0)
     assert res.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+BOOK_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "year": {"type": "integer"},
+        "genre": {"enum": ["novel", "poetry", "essay"]},
+        "authors": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                    "maxItems": 3},
+    },
+    "required": ["name", "year", "genre", "authors"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_twenty_seeded_json_schema_samples_all_validate(openai_client: OpenAI) -> None:
+    import jsonschema
+
+    choices = []
+    for seed in (1, 100):
+        res = openai_client.chat.completions.create(
+            model="mistral-tiny", messages=[{"role": "user", "content": "A book as JSON"}],
+            n=10, seed=seed, temperature=1.0, max_tokens=200,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "book", "schema": BOOK_SCHEMA, "strict": True}})
+        choices += res.choices
+    assert len({c.message.content for c in choices}) > 10
+    for choice in choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), BOOK_SCHEMA)
+
+
+def test_mistral_sdk_json_schema_streaming(mistral: Mistral) -> None:
+    import jsonschema
+
+    text = ""
+    for event in mistral.chat.stream(
+            model="mistral-tiny", messages=[{"role": "user", "content": "A book"}],
+            max_tokens=200, random_seed=3,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "book", "schema": BOOK_SCHEMA, "strict": True}}):
+        text += event.data.choices[0].delta.content or ""
+    jsonschema.validate(json.loads(text), BOOK_SCHEMA)
+
+
+def test_json_object_mode_gives_a_json_object(demo_server: Server) -> None:
+    body = {"model": "mistral-tiny", "messages": HELLO, "max_tokens": 300, "random_seed": 5,
+            "response_format": {"type": "json_object"}}
+    choice = post(demo_server, body).json()["choices"][0]
+    if choice["finish_reason"] == "stop":  # a random model may still be writing at the cap
+        assert isinstance(json.loads(choice["message"]["content"]), dict)
+
+
+def test_invalid_schema_is_400(demo_server: Server) -> None:
+    body = {"model": "mistral-tiny", "messages": HELLO, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"},
+                                               "strict": True}}}
+    r = post(demo_server, body)
+    assert r.status_code == 400
+    assert r.json()["param"] == "response_format"
+
+
+def test_tool_choice_any_forces_a_valid_call_round_trip(mistral: Mistral) -> None:
+    import jsonschema
+
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    res = mistral.chat.complete(model="mistral-tiny", messages=messages, tools=[WEATHER_TOOL],
+                                tool_choice="any", max_tokens=300, random_seed=1,
+                                parallel_tool_calls=False)
+    choice = res.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert len(choice.message.tool_calls) == 1  # parallel_tool_calls false: one call
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert len(call.id) == 9 and call.id.isalnum()
+    jsonschema.validate(json.loads(call.function.arguments),
+                        WEATHER_TOOL["function"]["parameters"])
+    # The SDK sends the call back with the tool's result: the conversation goes on.
+    messages += [choice.message, {"role": "tool", "name": "get_weather", "content": "22C",
+                                  "tool_call_id": call.id}]
+    follow = mistral.chat.complete(model="mistral-tiny", messages=messages,
+                                   tools=[WEATHER_TOOL], max_tokens=3)
+    assert follow.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+def test_named_tool_choice_streams_the_call_whole(openai_client: OpenAI) -> None:
+    stream = openai_client.chat.completions.create(
+        model="mistral-tiny", messages=[{"role": "user", "content": "Weather?"}],
+        tools=[WEATHER_TOOL], max_tokens=300, stream=True, seed=2,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    deltas = [c.choices[0] for c in stream if c.choices]
+    with_calls = [d for d in deltas if d.delta.tool_calls]
+    assert len(with_calls) == 1
+    call = with_calls[0].delta.tool_calls[0]
+    assert call.function.name == "get_weather"
+    json.loads(call.function.arguments)
+    assert deltas[-1].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_never_calls(demo_server: Server) -> None:
+    body = {"model": "mistral-tiny", "messages": HELLO, "tools": [WEATHER_TOOL],
+            "tool_choice": "none", "max_tokens": 20, "logit_bias": {"5": 100}}  # 5 = [TOOL_CALLS]
+    choice = post(demo_server, body).json()["choices"][0]
+    assert choice["message"]["tool_calls"] is None
+    assert choice["finish_reason"] != "tool_calls"
+
+
+def test_min_tokens_with_structured_output_is_400(demo_server: Server) -> None:
+    body = {"model": "mistral-tiny", "messages": HELLO, "min_tokens": 5,
+            "response_format": {"type": "json_object"}}
+    assert post(demo_server, body).status_code == 400

@@ -39,6 +39,9 @@ class APIError(Exception):
         self.code = code
 
     def body(self) -> dict[str, Any]:
+        if self.status_code == 422:  # the contract's only 422 shape
+            loc: list[str | int] = ["body", self.param] if self.param else ["body"]
+            return {"detail": [{"loc": loc, "msg": self.message, "type": "value_error"}]}
         return {
             "object": "error",
             "message": self.message,

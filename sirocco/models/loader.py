@@ -56,12 +56,12 @@ def resolve_model_path(spec: str, data_dir: Path) -> Path:
     if path.exists():
         from sirocco.models import gguf
 
-        gguf_file = gguf.find_gguf(path)
-        if gguf_file is not None:
-            try:
+        try:
+            gguf_file = gguf.find_gguf(path)
+            if gguf_file is not None:
                 return gguf.convert_gguf(gguf_file, data_dir / "cache" / "gguf")
-            except gguf.GGUFError as exc:
-                raise ModelLoadError(f"{gguf_file}: {exc}") from None
+        except gguf.GGUFError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from None
         return path.resolve()
     if HUB_ID.match(spec) and not spec.startswith((".", "/")):
         return _download_from_hub(spec, data_dir)
@@ -250,24 +250,6 @@ def load_tokenizer(ckpt: Checkpoint) -> Tokenizer:
         f"{ckpt.path} has no tokenizer: expected tekken.json, tokenizer.model.v* "
         "or tokenizer.json beside the weights"
     )
-
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    """The torch dtype for `--dtype`; `auto` is bfloat16 where the hardware runs it fast."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 make bfloat16 matmuls fast on x86; elsewhere float32 is safer."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def pick_device(name: str) -> str:

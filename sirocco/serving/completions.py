@@ -25,6 +25,15 @@ from sirocco.protocol.chat import (
 )
 from sirocco.serving.generation import GenerationJob, new_completion_id
 from sirocco.serving.registry import ModelRegistry, ServedModel, UnknownModel
+from sirocco.structured import (
+    ConstraintFactory,
+    GrammarConstraintFactory,
+    InvalidSchema,
+    json_object,
+    json_schema,
+    no_tool_calls,
+    tool_call,
+)
 from sirocco.tokenizers.base import FIMNotSupported, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -207,41 +216,56 @@ def _seeds(seed: int | None, n: int) -> list[int | None]:
     return [None if seed is None else seed + i for i in range(n)]
 
 
-def prepare_chat(
-    request: ChatCompletionRequest, registry: ModelRegistry, max_n: int
-) -> tuple[ServedModel, GenerationJob]:
+def _constraint(request: ChatCompletionRequest, served: ServedModel,
+                tools: list[dict[str, Any]] | None) -> ConstraintFactory | None:
+    """The grammar a request's output must follow, if any (InvalidSchema -> 400)."""
+    tokenizer = served.tokenizer
+    choice = request.tool_choice
+    fmt = request.response_format
+    try:
+        if isinstance(choice, ToolChoice) or choice in ("any", "required"):
+            if not tools:
+                raise bad_request("tool_choice asks for a tool call, but the request has no "
+                                  "tools", "tool_choice")
+            name = choice.function.name if isinstance(choice, ToolChoice) else choice
+            if isinstance(choice, ToolChoice) and name not in {t["function"]["name"]
+                                                               for t in tools}:
+                raise bad_request(f"tool_choice names {name!r}, which is not among the tools",
+                                  "tool_choice")
+            return tool_call(tools, name, request.parallel_tool_calls, tokenizer)
+        if fmt is not None and fmt.type == "json_object":
+            return json_object(tokenizer)
+        if fmt is not None and fmt.type == "json_schema":
+            return json_schema(fmt.json_schema.schema_, fmt.json_schema.strict, tokenizer)
+        if tools and choice == "none":
+            return no_tool_calls(tokenizer)
+    except InvalidSchema as exc:
+        param = "response_format" if fmt is not None and fmt.type != "text" else "tools"
+        raise bad_request(str(exc), param) from None
+    return None
+
+
+def prepare_chat(request: ChatCompletionRequest, registry: ModelRegistry,
+                 max_n: int) -> tuple[ServedModel, GenerationJob]:
     """Validate a chat request against its model and build the generation job."""
     if request.guardrails:
-        raise bad_request(
-            "guardrails (moderation) are not supported by this server; "
-            "send the request without them",
-            "guardrails",
-        )
+        raise bad_request("guardrails (moderation) are not supported by this server; "
+                          "send the request without them", "guardrails")
     if request.prompt_logprobs or request.top_prompt_logprobs:
         raise bad_request("prompt_logprobs are not supported yet", "prompt_logprobs")
-    if request.response_format is not None and request.response_format.type != "text":
-        raise bad_request(
-            f"response_format {request.response_format.type!r} needs grammar-constrained "
-            "decoding, which this build does not have yet",
-            "response_format",
-        )
     served = resolve_generative(registry, request.model)
     tokenizer = served.tokenizer
     n = request.n or 1
     if n > max_n:
         raise APIError(422, f"n is {n}, above this server's maximum of {max_n}", param="n")
     tools = wire_tools(request)
-    choice = request.tool_choice
-    if isinstance(choice, ToolChoice) or choice in ("any", "required"):
-        if not tools:
-            raise bad_request(f"tool_choice {choice!r} needs tools", "tool_choice")
-        raise bad_request(
-            "tool_choice any, required or a named function needs "
-            "grammar-constrained decoding, which this build does not have yet",
-            "tool_choice",
-        )
     if tools and not tokenizer.supports_tools:
         raise bad_request(f"model {served.id!r} does not support tools", "tools")
+    constraint = _constraint(request, served, tools)
+    if constraint is not None and isinstance(constraint, GrammarConstraintFactory) \
+            and request.min_tokens:
+        raise bad_request("min_tokens cannot be combined with structured output or a forced "
+                          "tool call: the grammar decides where the output ends", "min_tokens")
     messages, continue_final = wire_messages(request)
     try:
         prompt = tokenizer.encode_chat(messages, tools, continue_final=continue_final)
@@ -249,10 +273,6 @@ def prepare_chat(
         raise bad_request(f"invalid conversation: {exc}", "messages") from None
     base = _base_params(request, served, len(prompt))
     logit_bias = _logit_bias(request.logit_bias, tokenizer.vocab_size)
-    banned = []
-    if tools and choice == "none" and getattr(tokenizer, "tool_calls_id", None) is not None:
-        banned = [tokenizer.tool_calls_id]
-    top_logprobs = request.top_logprobs or 0
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     seed = request.random_seed if request.random_seed is not None else request.seed
@@ -265,9 +285,11 @@ def prepare_chat(
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
             repetition_penalty=request.repetition_penalty or 1.0,
-            logit_bias={**logit_bias, **{t: -float("inf") for t in banned}} or None,
+            logit_bias=logit_bias or None,
             seed=s,
-            logprobs=top_logprobs if request.logprobs else None,
+            logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+            # one processor per choice: each keeps its own grammar state
+            logits_processors=[constraint()] if constraint is not None else [],
         )
         for s in _seeds(seed, n)
     ]
@@ -276,7 +298,7 @@ def prepare_chat(
         prompt_token_ids=prompt,
         params=params,
         stop_strings=request.stop_strings(),
-        tools_enabled=bool(tools) and choice != "none",
+        tools_enabled=bool(tools) and request.tool_choice != "none",
         logprobs=bool(request.logprobs),
     )
     return served, job

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from sirocco.config import Settings
-from sirocco.engine import AsyncEngine, EngineConfig, build_engine
+from sirocco.engine import AsyncEngine, EngineConfig, build_engine, resolve_dtype
 from sirocco.models.demo import ensure_demo_model
 from sirocco.models.loader import (
     Checkpoint,
@@ -24,11 +24,11 @@ from sirocco.models.loader import (
     load_tokenizer,
     load_weights,
     pick_device,
-    pick_dtype,
     resolve_model_path,
 )
 from sirocco.protocol.models import ModelCapabilities
 from sirocco.serving.registry import ModelRegistry, ServedModel
+from sirocco.structured import grammar_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def load_generative_model(
 ) -> ServedModel:
     """Load a decoder checkpoint (tokenizer, weights, engine) and describe it."""
     device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
+    dtype = resolve_dtype(settings.dtype, device)
     path = resolve_model_path(str(spec), settings.data_dir)
     ckpt = inspect_checkpoint(path)
     tokenizer = load_tokenizer(ckpt)
@@ -69,6 +69,7 @@ def load_generative_model(
             f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
             f"vocabulary has only {ckpt.config.vocab_size}"
         )
+    grammar_vocabulary(tokenizer)  # compiled once now, not on the first JSON request
     weights = load_weights(ckpt, dtype)
     engine = _build_engine(ckpt, weights, settings, dtype, device, tokenizer.eos_token_ids)
     log.info(
