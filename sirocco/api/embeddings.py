@@ -44,6 +44,7 @@ from sirocco.api.errors import bad_request, invalid_model
 from sirocco.api.state import get_registry
 from sirocco.models.encoder import InputTooLong
 from sirocco.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+from sirocco.protocol.errors import ErrorResponse
 from sirocco.serving.registry import ModelRegistry, UnknownModel
 
 router = APIRouter(tags=["embeddings"])
@@ -82,7 +83,11 @@ def encode_rows(rows: np.ndarray, encoding_format: str) -> list[list[float] | li
     return rows.tolist()
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingResponse, summary="Create embeddings")
+@router.post(
+    "/v1/embeddings", response_model=EmbeddingResponse, summary="Create embeddings",
+    responses={400: {"model": ErrorResponse,
+                     "description": "unknown model, output_dimension too large, input too long"}},
+)
 async def create_embeddings(
     request: EmbeddingRequest, registry: ModelRegistry = Depends(get_registry)
 ) -> JSONResponse:
