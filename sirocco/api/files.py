@@ -166,8 +166,8 @@ def _form_values(upload: _Upload) -> tuple[str, str, int | None]:
         raise _invalid(["body", "file"], "Field required", "missing")
     purpose = upload.fields.get("purpose") or "fine-tune"
     if purpose not in FILE_PURPOSES:
-        raise _invalid(["body", "purpose"], "Input should be " + ", ".join(
-            repr(p) for p in FILE_PURPOSES), "enum", purpose)
+        raise _invalid(["body", "purpose"], "Input should be 'fine-tune', 'batch' or 'ocr'",
+                       "enum", purpose)
     visibility = upload.fields.get("visibility") or "workspace"
     if visibility not in FILE_VISIBILITIES:
         raise _invalid(["body", "visibility"], "Input should be 'workspace' or 'user'", "enum",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 
 from sirocco.api.errors import APIError, not_found
 from sirocco.api.state import get_registry
@@ -48,7 +49,7 @@ async def retrieve_model(
     summary="Delete a fine-tuned model",
 )
 async def delete_model(
-    model_id: str, registry: ModelRegistry = Depends(get_registry)
+    model_id: str, request: Request, registry: ModelRegistry = Depends(get_registry)
 ) -> DeleteModelResponse:
     """Delete a fine-tuned model; base models are part of the server's configuration."""
     try:
@@ -63,4 +64,7 @@ async def delete_model(
             param="model_id",
         )
     registry.remove(served.id)
+    on_deleted = request.app.state.sirocco.extras.get("on_model_deleted")
+    if on_deleted is not None:  # the platform drops its database row and adapter
+        await run_in_threadpool(on_deleted, served.id)
     return DeleteModelResponse(id=served.id)

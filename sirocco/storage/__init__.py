@@ -1,0 +1,1 @@
+"""Durable state: the metadata database (SQLAlchemy + Alembic) and the blob store."""
