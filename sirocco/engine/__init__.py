@@ -1,0 +1,31 @@
+"""The inference engine: continuous batching over a paged, prefix-cached KV cache.
+
+`build_engine(model_config, state_dict, engine_config)` gives the `AsyncEngine` the
+server uses; `LLMEngine` is the synchronous core (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from sirocco.engine.async_engine import AsyncEngine, EngineDeadError
+from sirocco.engine.config import EngineConfig, resolve_dtype
+from sirocco.engine.errors import DuplicateRequestId, EngineError, RequestTooLong
+from sirocco.engine.llm_engine import EngineStats, LLMEngine
+from sirocco.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from sirocco.engine.sampling_params import SamplingParams
+from sirocco.models.config import ModelConfig
+
+__all__ = [
+    "AsyncEngine", "CompletionOutput", "DuplicateRequestId", "EngineConfig", "EngineDeadError",
+    "EngineError", "EngineStats", "LLMEngine", "RequestOutput", "RequestTooLong",
+    "SamplingParams", "TokenLogprob", "build_engine", "resolve_dtype",
+]
+
+
+def build_engine(model_config: ModelConfig, state_dict: dict[str, Tensor],
+                 engine_config: EngineConfig) -> AsyncEngine:
+    """Load the weights onto the device, size the KV cache, start the step loop."""
+    engine = AsyncEngine(LLMEngine(model_config, state_dict, engine_config))
+    engine.start()
+    return engine

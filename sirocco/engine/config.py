@@ -1,0 +1,84 @@
+"""Engine settings (the `--kv-cache-memory`, `--max-num-seqs`, ... flags land here)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """How the engine uses its device.
+
+    kv_cache_memory: bytes for the paged KV cache; None takes a sensible share of the
+        free memory (see `default_kv_cache_memory`).
+    max_model_len: longest sequence (prompt + output); None uses the model's
+        `max_position_embeddings`. It is further capped by what the KV cache holds.
+    dtype: "auto", "float32", "bfloat16", "float16" or a torch.dtype; "auto" picks
+        bfloat16 where the device runs it fast (see `resolve_dtype`).
+    eos_token_ids: the model's end-of-sequence ids: a sequence stops on them unless its
+        params say `ignore_eos`.
+    """
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    dtype: str | torch.dtype = "auto"
+    device: str = "cpu"
+    enable_prefix_caching: bool = True
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.max_num_seqs < 1:
+            raise ValueError("block_size and max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        self.eos_token_ids = tuple(self.eos_token_ids)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """The torch dtype for `dtype`; "auto" is bfloat16 on a GPU that supports it or a CPU
+    with AMX / AVX512-BF16 instructions, float32 otherwise (and it logs what it picked)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        try:
+            return _DTYPES[dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}") from None
+    if device.startswith("cuda"):
+        picked = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        picked = torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+    logger.info("dtype auto: picked %s for %s", picked, device)
+    return picked
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def default_kv_cache_memory(device: str, max_tokens_useful: int, bytes_per_token: int) -> int:
+    """A sensible KV budget: 80% of free GPU memory, or 25% of available RAM on CPU, never
+    more than the cache that `max_num_seqs` full-length sequences could use."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        share = int(free * 0.8)
+    else:
+        import psutil
+
+        share = int(psutil.virtual_memory().available * 0.25)
+    return min(share, max_tokens_useful * bytes_per_token)

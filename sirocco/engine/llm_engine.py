@@ -1,0 +1,196 @@
+"""The synchronous engine: add requests, run steps, collect outputs."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sirocco.engine.block_manager import BlockManager
+from sirocco.engine.config import EngineConfig
+from sirocco.engine.errors import DuplicateRequestId, RequestTooLong
+from sirocco.engine.model_runner import ModelRunner
+from sirocco.engine.outputs import CompletionOutput, FinishReason, RequestOutput
+from sirocco.engine.sampling_params import SamplingParams
+from sirocco.engine.scheduler import Scheduler
+from sirocco.engine.sequence import Sequence
+from sirocco.models.config import ModelConfig
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot of the engine's gauges and counters (the Prometheus metrics read it)."""
+
+    running_seqs: int
+    waiting_seqs: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    prefix_cache_hit_rate: float  # cached prompt tokens / prompt tokens looked up
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    generated_tokens: int
+    preemptions: int
+
+
+class LLMEngine:
+    """Continuous batching on one device. Not thread-safe: `AsyncEngine` drives it from
+    its own thread; tests and benchmarks call `step` directly."""
+
+    def __init__(self, model_config: ModelConfig, state_dict: dict[str, Tensor],
+                 config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.runner = ModelRunner(model_config, state_dict, config)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.cache_tokens = self.runner.num_blocks * config.block_size
+        self.max_model_len = self.runner.max_model_len
+        self.requests: dict[str, list[Sequence]] = {}
+        self.generated_tokens = 0
+        # Latency observations (seconds) since the last `pop_latencies`, for histograms.
+        self.ttft: deque[float] = deque(maxlen=10_000)
+        self.itl: deque[float] = deque(maxlen=100_000)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise at once for a request that could never run (RequestTooLong, ValueError)."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        for limit, what in ((self.max_model_len, "the model's context length"),
+                            (self.cache_tokens, "the whole KV cache")):
+            if n + (params.max_tokens or 1) > limit:
+                raise RequestTooLong(n, params.max_tokens, limit, what)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams, arrival_time: float | None = None) -> None:
+        self.validate(prompt_token_ids, params)
+        if request_id in self.requests:
+            raise DuplicateRequestId(f"request id {request_id!r} is already running")
+        seqs = [Sequence(request_id, prompt_token_ids, params, i, arrival_time)
+                for i in range(params.n)]
+        for seq in seqs:
+            if params.seed is not None:
+                seq.generator = torch.Generator(self.runner.device)
+                seq.generator.manual_seed(params.seed + seq.index)
+        seqs[0].pending_forks = seqs[1:]
+        self.requests[request_id] = seqs
+        self.scheduler.add(seqs[0])
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if the
+        request is unknown or already finished)."""
+        seqs = self.requests.get(request_id)
+        if seqs is None:
+            return None
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)  # (also ends choices not yet forked)
+        for seq in seqs:
+            seq.finish_reason = seq.finish_reason or "abort"
+        return self._output(request_id, seqs, seqs)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; return what changed for each request."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        tokens, logprobs = self.runner.execute(batch, self.config.eos_token_ids)
+        now = time.monotonic()
+        changed: dict[str, list[Sequence]] = {}
+        sampled = iter(zip(tokens, logprobs, strict=True))
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+            if seq.num_computed_tokens < len(seq):
+                continue  # a prefill chunk that did not reach the end of the prompt
+            token, logprob = next(sampled)
+            seq.append_token(token, logprob)
+            self.generated_tokens += 1
+            if seq.last_token_time is None:
+                self.ttft.append(now - seq.arrival_time)
+            else:
+                self.itl.append(now - seq.last_token_time)
+            seq.last_token_time = now
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq)
+            changed.setdefault(seq.request_id, []).append(seq)
+        return [self._output(rid, self.requests[rid], seqs) for rid, seqs in changed.items()]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[list[list[int]]]:
+        """Run prompts to completion (tests, benchmarks): output token ids per choice."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{id(self)}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
+            self.add_request(rid, prompt, p)
+        results = {rid: [[] for _ in range(p.n)] for rid, p in zip(ids, params_list,
+                                                                      strict=True)}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                for choice in out.outputs:
+                    results[out.request_id][choice.index] += choice.new_token_ids
+        return [results[rid] for rid in ids]
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            running_seqs=len(self.scheduler.running), waiting_seqs=len(self.scheduler.waiting),
+            kv_blocks_used=bm.num_blocks - bm.num_free_blocks, kv_blocks_free=bm.num_free_blocks,
+            prefix_cache_hit_rate=bm.prefix_cache_hit_rate, prompt_tokens=bm.prefix_queries,
+            cached_prompt_tokens=bm.prefix_hits, generated_tokens=self.generated_tokens,
+            preemptions=self.scheduler.num_preemptions)
+
+    def pop_latencies(self) -> tuple[list[float], list[float]]:
+        """Time-to-first-token and inter-token latencies (seconds) observed since the last
+        call; a Prometheus collector feeds them to its histograms."""
+        ttft, itl = list(self.ttft), list(self.itl)
+        self.ttft.clear()
+        self.itl.clear()
+        return ttft, itl
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        generated = seq.num_output_tokens
+        if generated >= p.min_tokens and (
+                token in p.stop_token_ids
+                or (not p.ignore_eos and token in self.config.eos_token_ids)):
+            return "stop"
+        if p.max_tokens is not None and generated >= p.max_tokens:
+            return "length"
+        if len(seq) >= min(self.max_model_len, self.cache_tokens):
+            return "model_length"
+        return None
+
+    def _output(self, request_id: str, seqs: list[Sequence], changed: list[Sequence]
+                ) -> RequestOutput:
+        outputs = []
+        for seq in changed:
+            outputs.append(CompletionOutput(
+                index=seq.index, new_token_ids=seq.new_token_ids,
+                new_logprobs=seq.new_logprobs if seq.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, total_token_count=seq.num_output_tokens))
+            seq.new_token_ids, seq.new_logprobs = [], []
+        finished = all(s.is_finished for s in seqs)
+        if finished:
+            self.requests.pop(request_id, None)
+        parent = seqs[0]
+        return RequestOutput(request_id, parent.num_prompt_tokens, parent.num_cached_tokens,
+                             outputs, finished)

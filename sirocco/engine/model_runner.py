@@ -1,0 +1,122 @@
+"""Owns the device: the model's weights, the paged KV cache, the batch tensors."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from sirocco.engine.config import EngineConfig, default_kv_cache_memory, resolve_dtype
+from sirocco.engine.outputs import TokenLogprob
+from sirocco.engine.sampler import sample
+from sirocco.engine.scheduler import ScheduledBatch
+from sirocco.engine.sequence import Sequence
+from sirocco.models.config import ModelConfig
+from sirocco.models.mistral import AttentionBatch, AttentionGroup, MistralModel, attention_mask
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Runs one scheduled step: packs the chunks into tensors, runs the model, samples.
+
+    The KV cache is one tensor [layers, 2 (k, v), num_blocks, block_size, kv_heads,
+    head_dim]; `num_blocks` follows from `EngineConfig.kv_cache_memory`.
+    """
+
+    def __init__(self, model_config: ModelConfig, state_dict: dict[str, Tensor],
+                 config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, config.device)
+        with torch.device("meta"):  # no memory, no random init: the weights come next
+            model = MistralModel(model_config)
+        model.load_hf_state_dict(
+            {k: v.to(device=self.device, dtype=self.dtype) for k, v in state_dict.items()},
+            assign=True)
+        self.model = model.eval()
+
+        self.block_size = config.block_size
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        mc = model_config
+        bytes_per_token = (2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim
+                           * self.dtype.itemsize)
+        budget = config.kv_cache_memory
+        if budget is None:
+            budget = default_kv_cache_memory(
+                config.device, config.max_num_seqs * self.max_model_len, bytes_per_token)
+        self.num_blocks = budget // (bytes_per_token * self.block_size)
+        if self.num_blocks < 1:
+            raise ValueError(f"kv_cache_memory of {budget} bytes holds no block of "
+                             f"{self.block_size} tokens ({bytes_per_token} bytes per token)")
+        # Zeroed: masked-out keys are still multiplied by 0, and 0 * NaN would be NaN.
+        self.kv_cache = torch.zeros(
+            mc.num_hidden_layers, 2, self.num_blocks, self.block_size, mc.num_key_value_heads,
+            mc.head_dim, dtype=self.dtype, device=self.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s)", self.num_blocks,
+                    self.block_size, self.kv_cache.numel() * self.dtype.itemsize / 2**20,
+                    self.dtype)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, eos_token_ids: tuple[int, ...] = ()
+                ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Run one step. Returns the sampled token (and logprobs) of each scheduled
+        sequence whose chunk reaches its last token, in batch order."""
+        if batch.block_copies:
+            src, dst = zip(*batch.block_copies, strict=True)
+            self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
+        input_ids, positions, attn, sample_rows = self._prepare(batch)
+        hidden = self.model(input_ids, positions, attn, list(self.kv_cache))
+        if not sample_rows:
+            return [], []
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+                   if s.num_computed_tokens + n == len(s)]
+        return sample(logits, sampled, eos_token_ids)
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[Tensor, Tensor, AttentionBatch, list[int]]:
+        """Packed token ids and positions, the attention layout, and the rows to sample."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        # Consecutive one-token chunks (decodes) share a group; each longer chunk has its own.
+        groups: list[list[tuple[Sequence, int]]] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if n == 1 and groups and groups[-1][-1][1] == 1:
+                groups[-1].append((seq, n))
+            else:
+                groups.append([(seq, n)])
+            start = seq.num_computed_tokens
+            table = seq.block_table
+            input_ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if start + n == len(seq):
+                sample_rows.append(len(input_ids) - 1)
+        dev = self.device
+        pos = torch.tensor(positions, device=dev)
+        attn_groups = []
+        offset = 0
+        window = self.model_config.sliding_window
+        for group in groups:
+            n = group[0][1]
+            end = offset + n * len(group)
+            grid = pos[offset:end].view(len(group), n)
+            if n > 1 and group[0][0].num_computed_tokens == 0:
+                # A prompt's first chunk: its keys are its own tokens, no gather needed.
+                mask = None if window is None or n <= window else attention_mask(grid, n, window)
+                attn_groups.append(AttentionGroup(offset, end, 1, mask))
+            else:
+                width = max(len(seq.block_table) for seq, _ in group)
+                tables = [s.block_table + [0] * (width - len(s.block_table)) for s, _ in group]
+                mask = attention_mask(grid, width * bs, window)
+                attn_groups.append(AttentionGroup(offset, end, len(group), mask,
+                                                  torch.tensor(tables, device=dev)))
+            offset = end
+        attn = AttentionBatch(attn_groups, torch.tensor(slots, device=dev))
+        return torch.tensor(input_ids, device=dev), pos, attn, sample_rows

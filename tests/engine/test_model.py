@@ -1,0 +1,81 @@
+"""Our Mistral module against transformers' MistralForCausalLM (float32, atol 1e-4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sirocco.models.mistral import MistralModel
+from tests.engine.conftest import make_checkpoint
+
+ATOL = 1e-4
+
+
+def ours(ckpt) -> MistralModel:
+    model = MistralModel(ckpt.model_config).eval()
+    model.load_hf_state_dict(ckpt.state_dict)
+    return model
+
+
+def hf_logits(ckpt, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return ckpt.hf_model(ids).logits
+
+
+@torch.inference_mode()
+def test_one_prompt_logits_match_transformers(tiny):
+    model = ours(tiny)
+    ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(1))
+    logits = model.compute_logits(model.forward_padded(ids))
+    ref = hf_logits(tiny, ids)
+    assert ref.abs().max() > 1.0  # not flat
+    torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_batch_of_different_lengths_matches_transformers(tiny):
+    model = ours(tiny)
+    g = torch.Generator().manual_seed(2)
+    lengths = [5, 17, 11]
+    prompts = [torch.randint(0, 128, (n,), generator=g) for n in lengths]
+    padded = torch.zeros(3, max(lengths), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    hidden = model.forward_padded(padded, torch.tensor(lengths))
+    logits = model.compute_logits(hidden)
+    for i, p in enumerate(prompts):
+        ref = hf_logits(tiny, p.unsqueeze(0))[0]
+        torch.testing.assert_close(logits[i, : len(p)], ref, atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_sliding_window_shorter_than_sequence_matches(tiny_windowed):
+    model = ours(tiny_windowed)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    ref = hf_logits(tiny_windowed, ids)
+    torch.testing.assert_close(model.compute_logits(model.forward_padded(ids)), ref,
+                               atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"tie_word_embeddings": True},
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}},
+    {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                         "rope_theta": 500000.0}},
+], ids=["tied", "rope-linear", "rope-llama3"])
+@torch.inference_mode()
+def test_variants_match_transformers(overrides):
+    ckpt = make_checkpoint(seed=4, **overrides)
+    model = ours(ckpt)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(model.compute_logits(model.forward_padded(ids)),
+                               hf_logits(ckpt, ids), atol=ATOL, rtol=0)
+
+
+def test_unknown_rope_scaling_is_a_clear_error(tiny):
+    from dataclasses import replace
+
+    cfg = replace(tiny.model_config, rope_scaling={"rope_type": "wobbly", "factor": 2.0})
+    with pytest.raises(ValueError, match="wobbly"):
+        MistralModel(cfg)
