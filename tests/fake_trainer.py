@@ -45,6 +45,22 @@ def train(spec, reporter) -> TrainResult:
                    else None, "valid_mean_token_accuracy": 0.5}
         reporter.checkpoint(step, metrics)
     adapter = Path(spec.output_dir)
-    adapter.mkdir(parents=True, exist_ok=True)
-    (adapter / "adapter_config.json").write_text(json.dumps({"fake": True}))
+    write_zero_adapter(Path(spec.base_model_dir), adapter)
     return TrainResult(adapter, steps, metrics, trained_tokens=steps * 100)
+
+
+def write_zero_adapter(base_model_dir: Path, adapter: Path) -> None:
+    """A valid PEFT LoRA adapter (rank 1 on layer 0's q_proj) whose delta is zero."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((base_model_dir / "config.json").read_text())
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    adapter.mkdir(parents=True, exist_ok=True)
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(1, hidden),
+               f"{prefix}.lora_B.weight": torch.zeros(config["num_attention_heads"] * head_dim, 1)},
+              adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"]}))

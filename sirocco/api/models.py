@@ -64,6 +64,7 @@ async def delete_model(
             param="model_id",
         )
     registry.remove(served.id)
+    served.engine.remove_adapter(served.id)
     on_deleted = request.app.state.sirocco.extras.get("on_model_deleted")
     if on_deleted is not None:  # the platform drops its database row and adapter
         await run_in_threadpool(on_deleted, served.id)

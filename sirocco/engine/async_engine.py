@@ -13,11 +13,13 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from sirocco.engine.errors import DuplicateRequestId
 from sirocco.engine.llm_engine import EngineStats, LLMEngine
 from sirocco.engine.outputs import RequestOutput
 from sirocco.engine.sampling_params import SamplingParams
+from sirocco.models.lora import load_peft_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class AsyncEngine:
         self.engine = engine
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
-        self._adds: list[tuple[str, list[int], SamplingParams, float]] = []
+        self._adds: list[tuple[str, list[int], SamplingParams, float, str | None]] = []
         self._aborts: list[str] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
@@ -68,15 +70,19 @@ class AsyncEngine:
     # -- requests --------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, adapter: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs step by step (new tokens only), the
-        last with `finished`. The first `__anext__` raises RequestTooLong / ValueError for
+        last with `finished`. `adapter` names a LoRA adapter added with `add_adapter`
+        (None: the base model). The first `__anext__` raises RequestTooLong / ValueError for
         a request that can never run (call `validate` first to answer 4xx before
         streaming), EngineDeadError if a step failed earlier. Leaving the iteration early
         aborts the request."""
         if self._dead is not None:
             raise self._dead
         self.engine.validate(prompt_token_ids, params)
+        if adapter is not None and adapter not in self.engine.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}")
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if self._dead is not None:  # (checked again: the loop may have died meanwhile)
@@ -84,7 +90,8 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise DuplicateRequestId(f"request id {request_id!r} is already running")
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
-            self._adds.append((request_id, list(prompt_token_ids), params, time.monotonic()))
+            self._adds.append((request_id, list(prompt_token_ids), params, time.monotonic(),
+                               adapter))
         self.start()
         self._wakeup.set()
         finished = False
@@ -104,6 +111,18 @@ class AsyncEngine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestTooLong / ValueError now for a request that could never run."""
         self.engine.validate(prompt_token_ids, params)
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        """Load a PEFT LoRA adapter from `path` and serve it as `name` (LoRAError if it
+        does not fit this model). The base weights are shared, never copied."""
+        runner = self.engine.runner
+        weights = load_peft_adapter(path, runner.model_config, runner.dtype, runner.device)
+        with self._lock:  # the loop thread reads the adapter tables between steps
+            self.engine.add_adapter(name, weights)
+
+    def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            self.engine.remove_adapter(name)
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its blocks are freed before the next step. Its stream (if
@@ -134,9 +153,9 @@ class AsyncEngine:
                     adds, self._adds = self._adds, []
                     aborts, self._aborts = self._aborts, []
                     self._wakeup.clear()
-                for request_id, prompt, params, arrival in adds:
+                for request_id, prompt, params, arrival, adapter in adds:
                     try:
-                        engine.add_request(request_id, prompt, params, arrival)
+                        engine.add_request(request_id, prompt, params, arrival, adapter)
                     except Exception as exc:  # validated already; anything else is ours
                         self._deliver(request_id, exc)
                 for request_id in aborts:

@@ -58,7 +58,7 @@ class BlockManager:
         assert not seq.block_table
         bs = self.block_size
         if self.enable_prefix_caching:
-            parent: int | None = None
+            parent: object = seq.hash_seed
             for i in range((len(seq.token_ids) - 1) // bs):
                 tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
                 h = hash((parent, tokens))
@@ -115,7 +115,7 @@ class BlockManager:
         bs = self.block_size
         table = seq.block_table
         start = seq.num_hashed_blocks
-        parent = self.blocks[table[start - 1]].hash if start else None
+        parent = self.blocks[table[start - 1]].hash if start else seq.hash_seed
         for i in range(start, seq.num_computed_tokens // bs):
             block = self.blocks[table[i]]
             if block.hash is None:

@@ -18,6 +18,7 @@ from sirocco.engine.sampling_params import SamplingParams
 from sirocco.engine.scheduler import Scheduler
 from sirocco.engine.sequence import Sequence
 from sirocco.models.config import ModelConfig
+from sirocco.models.lora import AdapterWeights
 
 
 @dataclass(slots=True)
@@ -47,6 +48,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
+        self.adapters: dict[str, int] = {}  # LoRA adapter name -> slot in the runner
         self.cache_tokens = self.runner.num_blocks * config.block_size
         self.max_model_len = self.runner.max_model_len
         self.requests: dict[str, list[Sequence]] = {}
@@ -70,14 +72,35 @@ class LLMEngine:
             if n + (params.max_tokens or 1) > limit:
                 raise RequestTooLong(n, params.max_tokens, limit, what)
 
+    def add_adapter(self, name: str, weights: AdapterWeights) -> None:
+        """Make a LoRA adapter (already fused for this model) available to requests."""
+        slots = self.runner.lora.adapters
+        if name in self.adapters:
+            slots[self.adapters[name]] = weights
+            return
+        slot = next(i for i in range(1, len(slots) + 2) if i not in slots)
+        slots[slot] = weights
+        self.adapters[name] = slot
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget an adapter; requests still running with it finish on the base weights."""
+        slot = self.adapters.pop(name, None)
+        if slot is not None:
+            self.runner.lora.adapters.pop(slot, None)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, arrival_time: float | None = None) -> None:
+                    params: SamplingParams, arrival_time: float | None = None,
+                    adapter: str | None = None) -> None:
         self.validate(prompt_token_ids, params)
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}")
         if request_id in self.requests:
             raise DuplicateRequestId(f"request id {request_id!r} is already running")
         seqs = [Sequence(request_id, prompt_token_ids, params, i, arrival_time)
                 for i in range(params.n)]
         for seq in seqs:
+            if adapter is not None:
+                seq.adapter, seq.lora_slot = adapter, self.adapters[adapter]
             if params.seed is not None:
                 seq.generator = torch.Generator(self.runner.device)
                 seq.generator.manual_seed(params.seed + seq.index)

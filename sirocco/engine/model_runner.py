@@ -13,6 +13,7 @@ from sirocco.engine.sampler import sample
 from sirocco.engine.scheduler import ScheduledBatch
 from sirocco.engine.sequence import Sequence
 from sirocco.models.config import ModelConfig
+from sirocco.models.lora import attach_lora
 from sirocco.models.mistral import AttentionBatch, AttentionGroup, MistralModel, attention_mask
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class ModelRunner:
             {k: v.to(device=self.device, dtype=self.dtype) for k, v in state_dict.items()},
             assign=True)
         self.model = model.eval()
+        self.lora = attach_lora(self.model)  # adapters are added by name, at run time
 
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
@@ -68,6 +70,9 @@ class ModelRunner:
             src, dst = zip(*batch.block_copies, strict=True)
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
         input_ids, positions, attn, sample_rows = self._prepare(batch)
+        self.lora.set_batch([s.lora_slot for s, n in zip(batch.seqs, batch.num_new_tokens,
+                                                         strict=True) for _ in range(n)],
+                            self.device)
         hidden = self.model(input_ids, positions, attn, list(self.kv_cache))
         if not sample_rows:
             return [], []

@@ -48,9 +48,19 @@ class Sequence:
         # Choices that will be forked from this one once its prompt is in the cache.
         self.pending_forks: list[Sequence] = []
         self.generator: torch.Generator | None = None
+        # The LoRA adapter this sequence runs with: its name seeds the prefix hashes (the
+        # same tokens under another adapter have other keys and values) and its slot
+        # picks the weights. None / 0: the base model.
+        self.adapter: str | None = None
+        self.lora_slot = 0
         # What the engine reports for this step, then clears.
         self.new_token_ids: list[int] = []
         self.new_logprobs: list[TokenLogprob] = []
+
+    @property
+    def hash_seed(self) -> tuple[str, str] | None:
+        """Where the chain of this sequence's block hashes starts."""
+        return None if self.adapter is None else ("adapter", self.adapter)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -86,3 +96,4 @@ class Sequence:
         self.admitted = True
         self.block_table = list(parent.block_table)
         self.num_hashed_blocks = parent.num_hashed_blocks
+        self.adapter, self.lora_slot = parent.adapter, parent.lora_slot

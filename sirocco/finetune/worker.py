@@ -41,6 +41,7 @@ from sirocco.finetune.jobs import (
     validate_file,
     write_valid_lines,
 )
+from sirocco.models.lora import LoRAError
 from sirocco.protocol.models import ModelCapabilities
 from sirocco.serving.registry import ModelRegistry, ServedModel, UnknownModel
 from sirocco.storage.files import FileStore
@@ -137,6 +138,11 @@ def register_fine_tuned(registry: ModelRegistry, record: FineTunedModelRecord) -
         return False
     if record.id in registry:
         return True
+    try:
+        base.engine.add_adapter(record.id, Path(record.adapter_dir))
+    except LoRAError as exc:
+        log.error("fine-tuned model %s is not served: %s", record.id, exc)
+        return False
     registry.add(ServedModel(
         id=record.id,
         kind="generate",

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from sirocco.api.errors import APIError, bad_request, invalid_model
-from sirocco.engine import SamplingParams
+from sirocco.engine import EngineError, SamplingParams
 from sirocco.protocol.chat import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -300,7 +300,9 @@ def prepare_chat(request: ChatCompletionRequest, registry: ModelRegistry,
         stop_strings=request.stop_strings(),
         tools_enabled=bool(tools) and request.tool_choice != "none",
         logprobs=bool(request.logprobs),
+        adapter=served.id if served.fine_tuned else None,
     )
+    _validate_in_engine(served, job)
     return served, job
 
 
@@ -335,5 +337,16 @@ def prepare_fim(
         raise bad_request(str(exc), "prompt") from None
     base = _base_params(request, served, len(prompt))
     params = [SamplingParams(**base, seed=request.random_seed)]
-    job = GenerationJob(new_completion_id(), prompt, params, request.stop_strings())
+    job = GenerationJob(new_completion_id(), prompt, params, request.stop_strings(),
+                        adapter=served.id if served.fine_tuned else None)
+    _validate_in_engine(served, job)
     return served, job
+
+
+def _validate_in_engine(served: ServedModel, job: GenerationJob) -> None:
+    """What only the engine knows (KV cache size, vocabulary): a 400 before any stream."""
+    try:
+        for params in job.params:
+            served.engine.validate(job.prompt_token_ids, params)
+    except (EngineError, ValueError) as exc:
+        raise bad_request(str(exc)) from None

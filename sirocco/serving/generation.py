@@ -31,6 +31,7 @@ class GenerationJob:
     stop_strings: list[str] = field(default_factory=list)
     tools_enabled: bool = False
     logprobs: bool = False
+    adapter: str | None = None  # the LoRA adapter of a fine-tuned model
 
 
 @dataclass(slots=True)
@@ -170,7 +171,8 @@ async def run_generation(
     queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
     streams = []
     for index, params in enumerate(job.params):
-        stream = engine.generate(f"{job.request_id}-{index}", job.prompt_token_ids, params)
+        stream = engine.generate(f"{job.request_id}-{index}", job.prompt_token_ids, params,
+                                 adapter=job.adapter)
         streams.append(stream)
 
     async def pump(index: int, stream: AsyncIterator) -> None:
