@@ -218,8 +218,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch,
                 kv_cache: Tensor | None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, batch, kv_cache)
-        return x + self.feed_forward(self.ffn_norm(x))
+        """`x` is the float32 residual stream; the layer computes in the weights' dtype."""
+        dtype = self.attention_norm.weight.dtype
+        x = x + self.attention(self.attention_norm(x.to(dtype)), cos, sin, batch, kv_cache)
+        return x + self.feed_forward(self.ffn_norm(x.to(dtype)))
 
 
 class MistralModel(nn.Module):
@@ -246,15 +248,20 @@ class MistralModel(nn.Module):
         These are the states before `lm_head`: `compute_logits` turns the rows you need
         into logits, and embedding pooling reads them directly.
         """
+        # The residual stream stays in float32 whatever the weights' dtype: summing 2 x
+        # layers of bfloat16 updates in bfloat16 drifts enough to change greedy answers
+        # (SmolLM2-135M: logits 0.62 off float32 instead of 0.34, a different first token).
         x = self.embed_tokens(input_ids)
+        dtype = x.dtype
+        x = x.float()
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, batch, None if kv_caches is None else kv_caches[i])
-        return self.norm(x)
+        return self.norm(x.to(dtype))
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
