@@ -33,7 +33,7 @@ def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     shared.mkdir(exist_ok=True)
     (data_dir / "cache").mkdir()
     (data_dir / "cache" / "gguf").symlink_to(shared, target_is_directory=True)
-    server = start_server(["--dtype", "float32"], data_dir, timeout=600)
+    server = start_server([], data_dir, timeout=600)  # exactly the defaults (dtype auto)
     yield server
     server.stop()
 
