@@ -24,6 +24,10 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install --quiet -e ".[test]"
+	# mistralai 2.5.1 is the last SDK with fine_tuning.jobs; it cannot live beside 3.x,
+	# so the jobs tests drive it from a venv of its own.
+	$(PYTHON) -m venv $(VENV)/sdk-2.5.1
+	$(VENV)/sdk-2.5.1/bin/python -m pip install --quiet mistralai==2.5.1
 	touch $@
 
 install: $(VENV)/.installed
