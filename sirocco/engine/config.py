@@ -71,14 +71,19 @@ def _cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+CPU_KV_CACHE_CAP = 2 * 1024**3
+
+
 def default_kv_cache_memory(device: str, max_tokens_useful: int, bytes_per_token: int) -> int:
-    """A sensible KV budget: 80% of free GPU memory, or 25% of available RAM on CPU, never
-    more than the cache that `max_num_seqs` full-length sequences could use."""
+    """A sensible KV budget: 80% of free GPU memory, or on CPU 25% of available RAM up to
+    2 GiB (like vLLM's CPU default, it leaves RAM to the other models of the process and
+    keeps start-up short: the cache is zeroed), never more than the cache that
+    `max_num_seqs` full-length sequences could use."""
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         share = int(free * 0.8)
     else:
         import psutil
 
-        share = int(psutil.virtual_memory().available * 0.25)
+        share = min(int(psutil.virtual_memory().available * 0.25), CPU_KV_CACHE_CAP)
     return min(share, max_tokens_useful * bytes_per_token)
