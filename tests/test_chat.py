@@ -320,3 +320,67 @@ def test_min_tokens_with_structured_output_is_400(demo_server: Server) -> None:
     body = {"model": "mistral-tiny", "messages": HELLO, "min_tokens": 5,
             "response_format": {"type": "json_object"}}
     assert post(demo_server, body).status_code == 400
+
+
+def _demo_prompt(demo_model_dir, messages: list[dict]) -> list[int]:
+    from sirocco.models.loader import inspect_checkpoint, load_tokenizer
+
+    return load_tokenizer(inspect_checkpoint(demo_model_dir)).encode_chat(messages)
+
+
+def test_mistral_sdk_prompt_logprobs(mistral: Mistral, demo_model_dir) -> None:
+    prompt = _demo_prompt(demo_model_dir, HELLO)
+    res = mistral.chat.complete(model="mistral-tiny", messages=HELLO, max_tokens=2, n=2,
+                                temperature=1.0, prompt_logprobs=True, top_prompt_logprobs=2)
+    assert res.usage.prompt_tokens == len(prompt)
+    per_choice = []
+    for choice in res.choices:
+        entries = choice.prompt_logprobs.content
+        # one entry per prompt token after the first (the first has no logprob)
+        assert [e.token_id for e in entries] == prompt[1:]
+        assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
+        assert all(e.top_logprobs[0].logprob >= e.logprob - 1e-5 for e in entries)
+        assert all(bytes(e.bytes_).decode("utf-8", "replace") == e.token for e in entries)
+        assert not choice.logprobs  # not asked for: absent (UNSET in the SDK)
+        per_choice.append([round(e.logprob, 4) for e in entries])
+    assert per_choice[0] == per_choice[1]  # the same prompt, the same logprobs
+
+
+def test_mistral_sdk_stream_prompt_logprobs_on_the_first_chunk(mistral: Mistral,
+                                                                demo_model_dir) -> None:
+    prompt = _demo_prompt(demo_model_dir, HELLO)
+    choices = [e.data.choices[0] for e in mistral.chat.stream(
+        model="mistral-tiny", messages=HELLO, max_tokens=3, temperature=0,
+        prompt_logprobs=True)]
+    assert choices[0].delta.role == "assistant" and choices[0].delta.content == ""
+    entries = choices[0].prompt_logprobs.content
+    assert [e.token_id for e in entries] == prompt[1:]
+    assert all(not e.top_logprobs for e in entries)  # top_prompt_logprobs defaults to 0
+    assert not any(c.prompt_logprobs for c in choices[1:])  # absent: UNSET
+    assert choices[-1].finish_reason == "length"
+
+
+def test_top_prompt_logprobs_without_prompt_logprobs_is_400(demo_server: Server) -> None:
+    body = {"model": "mistral-tiny", "messages": HELLO, "max_tokens": 1,
+            "top_prompt_logprobs": 2}
+    r = post(demo_server, body)
+    assert r.status_code == 400
+    assert "prompt_logprobs" in r.json()["message"]
+    plain = post(demo_server, {"model": "mistral-tiny", "messages": HELLO, "max_tokens": 1})
+    assert "prompt_logprobs" not in plain.json()["choices"][0]
+
+
+def test_stream_n2_each_choice_opens_with_its_prompt_logprobs(demo_server: Server) -> None:
+    events = sse_events(demo_server, {"model": "mistral-tiny", "messages": HELLO, "n": 2,
+                                      "max_tokens": 2, "stream": True,
+                                      "prompt_logprobs": True, "top_prompt_logprobs": 1})
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    for index in (0, 1):
+        mine = [c for c in chunks if c["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        entries = mine[0]["prompt_logprobs"]["content"]
+        assert len(entries) == json.loads(events[-2])["usage"]["prompt_tokens"] - 1
+        assert all(set(e) == {"token", "logprob", "bytes", "token_id", "top_logprobs"}
+                   and len(e["top_logprobs"]) == 1 for e in entries)
+        assert all("prompt_logprobs" not in c for c in mine[1:])
+        assert mine[-1]["finish_reason"] == "length"

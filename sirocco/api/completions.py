@@ -4,6 +4,13 @@ The stream follows mistral-api.md 3.6: a first delta `{"role":"assistant","conte
 content deltas with `"finish_reason": null` written out, a last chunk per choice with its
 finish_reason (and usage on the very last), then `data: [DONE]`. Tool calls arrive whole
 in one delta. A client that goes away aborts its generation.
+
+`prompt_logprobs: true` adds to each choice `"prompt_logprobs": {"content": [...]}`, shaped
+like `logprobs` (token, logprob, bytes, token_id, top_logprobs with `top_prompt_logprobs`
+alternatives): one entry per prompt token after the first, in prompt order (the first
+token has nothing before it; it is left out, not sent as null). When streaming it rides
+on the first chunk of each choice, the `{"role":"assistant","content":""}` one, which is
+then sent once the choice's first token is known rather than before generation starts.
 """
 
 from __future__ import annotations
@@ -92,12 +99,15 @@ async def _collect(
     n = len(job.params)
     content = [""] * n
     logprobs: list[list[dict]] = [[] for _ in range(n)]
+    prompt_logprobs: list[list[dict]] = [[] for _ in range(n)]
     calls: list[Any] = [None] * n
     finish: list[str] = ["error"] * n
     pending = [first] if first else []
     async for delta in _chain(pending, deltas):
         content[delta.index] += delta.content
         logprobs[delta.index].extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            prompt_logprobs[delta.index] = delta.prompt_logprobs
         if delta.tool_calls:
             calls[delta.index] = delta.tool_calls
         if delta.finish_reason:
@@ -113,6 +123,8 @@ async def _collect(
         choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish[i]}
         if job.logprobs:
             choice["logprobs"] = {"content": logprobs[i]}
+        if job.prompt_logprobs:
+            choice["prompt_logprobs"] = {"content": prompt_logprobs[i]}
         choices.append(choice)
     return {
         "id": job.request_id,
@@ -168,12 +180,26 @@ async def _sse(
         }
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
+    def opening(i: int, prompt_logprobs: list[dict] | None = None) -> bytes:
+        choice: dict[str, Any] = {
+            "index": i,
+            "delta": {"role": "assistant", "content": ""},
+            "finish_reason": None,
+        }
+        if prompt_logprobs is not None:
+            choice["prompt_logprobs"] = {"content": prompt_logprobs}
+        return chunk([choice])
+
+    opened: set[int] = set()
     try:
-        for i in range(n):
-            yield chunk(
-                [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
-            )
+        if not job.prompt_logprobs:  # else each choice opens with its first delta
+            for i in range(n):
+                yield opening(i)
+            opened.update(range(n))
         async for delta in _chain([first] if first else [], deltas):
+            if delta.index not in opened:
+                opened.add(delta.index)
+                yield opening(delta.index, delta.prompt_logprobs)
             body: dict[str, Any] = {}
             if delta.content:
                 body["content"] = delta.content

@@ -53,13 +53,19 @@ class BlockManager:
         """Give a sequence with no blocks the cached blocks of its longest cached prefix.
 
         At least one token is always left to compute (its logits pick the next token).
-        Returns the number of tokens found; sets `seq.num_computed_tokens`.
+        A sequence that still needs prompt logprobs takes no more than the prompt
+        positions it has already recorded (none on first admission): cached tokens would
+        skip the logits it needs. Returns the number of tokens found; sets
+        `seq.num_computed_tokens`.
         """
         assert not seq.block_table
         bs = self.block_size
         if self.enable_prefix_caching:
+            num_blocks = (len(seq.token_ids) - 1) // bs
+            if seq.needs_prompt_logprobs:
+                num_blocks = min(num_blocks, len(seq.prompt_logprobs) // bs)
             parent: object = seq.hash_seed
-            for i in range((len(seq.token_ids) - 1) // bs):
+            for i in range(num_blocks):
                 tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
                 h = hash((parent, tokens))
                 block_id = self.hash_to_block.get(h)

@@ -206,9 +206,15 @@ class LLMEngine:
                 ) -> RequestOutput:
         outputs = []
         for seq in changed:
+            prompt_logprobs = None
+            if (seq.params.prompt_logprobs is not None and not seq.prompt_logprobs_sent
+                    and seq.num_output_tokens):  # once, with the choice's first token
+                prompt_logprobs = seq.prompt_logprobs
+                seq.prompt_logprobs_sent = True
             outputs.append(CompletionOutput(
                 index=seq.index, new_token_ids=seq.new_token_ids,
                 new_logprobs=seq.new_logprobs if seq.params.logprobs is not None else None,
+                prompt_logprobs=prompt_logprobs,
                 finish_reason=seq.finish_reason, total_token_count=seq.num_output_tokens))
             seq.new_token_ids, seq.new_logprobs = [], []
         finished = all(s.is_finished for s in seqs)

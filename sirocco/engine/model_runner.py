@@ -18,6 +18,8 @@ from sirocco.models.mistral import AttentionBatch, AttentionGroup, MistralModel,
 
 logger = logging.getLogger(__name__)
 
+_PROMPT_LOGPROBS_ROWS = 256  # prompt positions whose full logits are computed at once
+
 
 class ModelRunner:
     """Runs one scheduled step: packs the chunks into tensors, runs the model, samples.
@@ -74,6 +76,8 @@ class ModelRunner:
                                                          strict=True) for _ in range(n)],
                             self.device)
         hidden = self.model(input_ids, positions, attn, list(self.kv_cache))
+        if any(s.needs_prompt_logprobs for s in batch.seqs):
+            self._record_prompt_logprobs(batch, hidden)
         if not sample_rows:
             return [], []
         rows = torch.tensor(sample_rows, device=self.device)
@@ -81,6 +85,41 @@ class ModelRunner:
         sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
                    if s.num_computed_tokens + n == len(s)]
         return sample(logits, sampled, eos_token_ids)
+
+    def _record_prompt_logprobs(self, batch: ScheduledBatch, hidden: Tensor) -> None:
+        """Append to `seq.prompt_logprobs` the prompt logprobs this step's chunk gives.
+
+        The row of position q holds the distribution of token q + 1, so a chunk over
+        positions [start, start + n) gives prompt tokens start + 1 .. start + n (those
+        still in the prompt). Positions recorded before (a sequence recomputed after
+        preemption) are skipped, so nothing is recorded twice. Logits are computed a
+        bounded number of rows at a time: a long chunk times a large vocabulary would not
+        fit at once.
+        """
+        offset = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start = seq.num_computed_tokens
+            if seq.needs_prompt_logprobs:
+                first = len(seq.prompt_logprobs)
+                end = min(start + n, seq.num_prompt_tokens - 1)
+                assert first >= start, "prompt positions before this chunk were never recorded"
+                k = seq.params.prompt_logprobs or 0
+                for lo in range(first, end, _PROMPT_LOGPROBS_ROWS):
+                    hi = min(lo + _PROMPT_LOGPROBS_ROWS, end)
+                    rows = hidden[offset + lo - start: offset + hi - start]
+                    raw = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1)
+                    targets = seq.token_ids[lo + 1: hi + 1]
+                    chosen = raw.gather(1, torch.tensor(targets, device=self.device)
+                                        .unsqueeze(1)).squeeze(1).tolist()
+                    if k:
+                        top_vals, top_ids = raw.topk(k, dim=-1)
+                        tops = [list(zip(i, v, strict=True)) for i, v
+                                in zip(top_ids.tolist(), top_vals.tolist(), strict=True)]
+                    else:
+                        tops = [[] for _ in targets]
+                    seq.prompt_logprobs += [TokenLogprob(t, lp, top) for t, lp, top
+                                            in zip(targets, chosen, tops, strict=True)]
+            offset += n
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[Tensor, Tensor, AttentionBatch, list[int]]:
         """Packed token ids and positions, the attention layout, and the rows to sample."""

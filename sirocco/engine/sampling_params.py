@@ -24,9 +24,13 @@ class SamplingParams:
     `stop_token_ids`). `logprobs` None is off; k >= 0 returns the chosen token's
     log-probability and the k most likely alternatives, all of the RAW distribution
     (log_softmax of the model's logits before any processor, penalty, bias,
-    temperature or truncation). With `n` > 1 and a seed, choice i uses seed + i; the n
-    choices share this object, so a stateful logits processor should serve n = 1
-    requests (submit one request per choice).
+    temperature or truncation). `prompt_logprobs` None is off; k >= 0 records, for every
+    prompt token after the first, its log-probability given the tokens before it and the
+    k most likely alternatives (raw distribution too; the first prompt token has nothing
+    before it, so it gets no entry). A request that asks for them computes its whole
+    prompt: it takes no prefix-cache hits. With `n` > 1 and a seed, choice i uses
+    seed + i; the n choices share this object, so a stateful logits processor should
+    serve n = 1 requests (submit one request per choice).
     """
 
     temperature: float = 1.0
@@ -44,6 +48,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     n: int = 1
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
@@ -60,6 +65,8 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens,
              "min_tokens must be <= max_tokens"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+             "prompt_logprobs must be >= 0"),
             (self.n >= 1, "n must be >= 1"),
         ]
         for ok, message in checks:

@@ -56,6 +56,17 @@ class Sequence:
         # What the engine reports for this step, then clears.
         self.new_token_ids: list[int] = []
         self.new_logprobs: list[TokenLogprob] = []
+        # With `params.prompt_logprobs`: entry p - 1 is prompt token p given tokens < p,
+        # filled chunk by chunk by the model runner, reported once with the first token.
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs_sent = False
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all recorded yet: the prompt positions from the
+        first unrecorded one on must go through the model (not come from the prefix cache)."""
+        return (self.params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
 
     @property
     def hash_seed(self) -> tuple[str, str] | None:
@@ -96,4 +107,5 @@ class Sequence:
         self.admitted = True
         self.block_table = list(parent.block_table)
         self.num_hashed_blocks = parent.num_hashed_blocks
+        self.prompt_logprobs = list(parent.prompt_logprobs)
         self.adapter, self.lora_slot = parent.adapter, parent.lora_slot

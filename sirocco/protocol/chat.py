@@ -316,6 +316,8 @@ class ChatCompletionChoice(BaseModel):
     message: ResponseMessage
     finish_reason: FinishReason
     logprobs: ChoiceLogprobs | None = None
+    # with prompt_logprobs: one entry per prompt token after the first
+    prompt_logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -325,4 +327,3 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
-    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -251,8 +251,6 @@ def prepare_chat(request: ChatCompletionRequest, registry: ModelRegistry,
     if request.guardrails:
         raise bad_request("guardrails (moderation) are not supported by this server; "
                           "send the request without them", "guardrails")
-    if request.prompt_logprobs or request.top_prompt_logprobs:
-        raise bad_request("prompt_logprobs are not supported yet", "prompt_logprobs")
     served = resolve_generative(registry, request.model)
     tokenizer = served.tokenizer
     n = request.n or 1
@@ -275,6 +273,9 @@ def prepare_chat(request: ChatCompletionRequest, registry: ModelRegistry,
     logit_bias = _logit_bias(request.logit_bias, tokenizer.vocab_size)
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    if request.top_prompt_logprobs is not None and not request.prompt_logprobs:
+        raise bad_request("top_prompt_logprobs needs prompt_logprobs: true",
+                          "top_prompt_logprobs")
     seed = request.random_seed if request.random_seed is not None else request.seed
     params = [
         SamplingParams(
@@ -288,6 +289,8 @@ def prepare_chat(request: ChatCompletionRequest, registry: ModelRegistry,
             logit_bias=logit_bias or None,
             seed=s,
             logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+            prompt_logprobs=((request.top_prompt_logprobs or 0) if request.prompt_logprobs
+                             else None),
             # one processor per choice: each keeps its own grammar state
             logits_processors=[constraint()] if constraint is not None else [],
         )
@@ -300,6 +303,7 @@ def prepare_chat(request: ChatCompletionRequest, registry: ModelRegistry,
         stop_strings=request.stop_strings(),
         tools_enabled=bool(tools) and request.tool_choice != "none",
         logprobs=bool(request.logprobs),
+        prompt_logprobs=bool(request.prompt_logprobs),
         adapter=served.id if served.fine_tuned else None,
     )
     _validate_in_engine(served, job)

@@ -31,16 +31,24 @@ class GenerationJob:
     stop_strings: list[str] = field(default_factory=list)
     tools_enabled: bool = False
     logprobs: bool = False
+    prompt_logprobs: bool = False
     adapter: str | None = None  # the LoRA adapter of a fine-tuned model
 
 
 @dataclass(slots=True)
 class ChoiceDelta:
-    """What one choice gained: text, logprobs, tool calls, and whether it finished."""
+    """What one choice gained: text, logprobs, tool calls, and whether it finished.
+
+    `prompt_logprobs` is set on the first delta of a choice whose job asks for them (None
+    on every other delta): one `logprob_entry` per prompt token after the first (that
+    token has nothing before it, hence no logprob; it is left out rather than sent as
+    null, since SDK 3.7's `prompt_logprobs.content` items are not nullable).
+    """
 
     index: int
     content: str = ""
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    prompt_logprobs: list[dict[str, Any]] | None = None
     tool_calls: list[ToolCall] | None = None
     finish_reason: str | None = None
 
@@ -188,6 +196,10 @@ async def run_generation(
                         delta.logprobs = [
                             logprob_entry(tokenizer, lp) for lp in choice.new_logprobs
                         ]
+                    if job.prompt_logprobs and choice.prompt_logprobs is not None:
+                        delta.prompt_logprobs = [
+                            logprob_entry(tokenizer, lp) for lp in choice.prompt_logprobs
+                        ]
                     if text.stopped:
                         delta.finish_reason = "stop"
                         await queue.put(delta)
@@ -199,7 +211,8 @@ async def run_generation(
                         delta.finish_reason = (
                             "tool_calls" if calls else _wire_reason(choice.finish_reason)
                         )
-                    if delta.content or delta.logprobs or delta.finish_reason:
+                    if (delta.content or delta.logprobs or delta.finish_reason
+                            or delta.prompt_logprobs is not None):
                         await queue.put(delta)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             await queue.put(exc)
