@@ -384,3 +384,17 @@ def test_stream_n2_each_choice_opens_with_its_prompt_logprobs(demo_server: Serve
                    and len(e["top_logprobs"]) == 1 for e in entries)
         assert all("prompt_logprobs" not in c for c in mine[1:])
         assert mine[-1]["finish_reason"] == "length"
+
+
+def test_parallel_tool_calls_false_keeps_one_call(demo_model_dir) -> None:
+    """Parsing side: a generation holding two calls yields one when parallel calls are off."""
+    from sirocco.models.loader import inspect_checkpoint, load_tokenizer
+    from sirocco.serving.generation import _ChoiceText
+
+    tok = load_tokenizer(inspect_checkpoint(demo_model_dir))
+    body = tok.encode_text('[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]')
+    for parallel, names in ((True, ["a", "b"]), (False, ["a"])):
+        text = _ChoiceText(tok, [], tools_enabled=True, parallel_tool_calls=parallel)
+        text.push([tok.tool_calls_id, *body])
+        _, calls = text.finish()
+        assert [c.name for c in calls] == names

@@ -30,6 +30,7 @@ class GenerationJob:
     params: list[SamplingParams]  # one per choice
     stop_strings: list[str] = field(default_factory=list)
     tools_enabled: bool = False
+    parallel_tool_calls: bool = True  # false: one call at most, the first the model wrote
     logprobs: bool = False
     prompt_logprobs: bool = False
     adapter: str | None = None  # the LoRA adapter of a fine-tuned model
@@ -92,11 +93,13 @@ def logprob_entry(tokenizer: Tokenizer, item: TokenLogprob) -> dict[str, Any]:
 class _ChoiceText:
     """Text bookkeeping of one choice: stop strings, tool-call hold-back, what was sent."""
 
-    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str], tools_enabled: bool):
+    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str], tools_enabled: bool,
+                 parallel_tool_calls: bool = True):
         self.tokenizer = tokenizer
         self.detok = tokenizer.detokenizer()
         self.stop_strings = stop_strings
         self.tools_enabled = tools_enabled
+        self.parallel_tool_calls = parallel_tool_calls
         self.sent = 0  # characters of detok.text already emitted
         self.stopped = False  # a stop string was met
         self.in_tool_call = False
@@ -153,6 +156,8 @@ class _ChoiceText:
         if self.tools_enabled and self.in_tool_call:
             parsed = self.tokenizer.parse_output(self.detok.token_ids, tools_enabled=True)
             if parsed.tool_calls:
+                if not self.parallel_tool_calls:
+                    del parsed.tool_calls[1:]
                 for call in parsed.tool_calls:
                     call.id = call.id if _valid_call_id(call.id) else new_tool_call_id()
                 return self._emit_until(len(parsed.content), parsed.content), parsed.tool_calls
@@ -184,7 +189,8 @@ async def run_generation(
         streams.append(stream)
 
     async def pump(index: int, stream: AsyncIterator) -> None:
-        text = _ChoiceText(tokenizer, job.stop_strings, job.tools_enabled)
+        text = _ChoiceText(tokenizer, job.stop_strings, job.tools_enabled,
+                           job.parallel_tool_calls)
         try:
             async for out in stream:
                 if index == 0:
