@@ -170,16 +170,9 @@ class JobsOut(BaseModel):
     total: int
 
 
-class LegacyJobMetadataOut(BaseModel):
+class LegacyJobMetadataOut(JobMetadataOut):
     """The answer to a dry run: what the job would cost, without creating it."""
 
-    expected_duration_seconds: int | None = None
-    cost: float | None = None
-    cost_currency: str | None = None
-    train_tokens_per_step: int | None = None
-    train_tokens: int | None = None
-    data_tokens: int | None = None
-    estimated_start_time: int | None = None
     deprecated: bool = True
     details: str
     epochs: float | None = None
