@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sirocco.models.gguf import default_smollm2_gguf  # noqa: E402
 from tests.conftest import free_port, start_server  # noqa: E402
 
+LLAMA_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON "
+                    "-DGGML_F16C=ON -DGGML_AVX512=ON")
 MAX_TOKENS = 128
 STREAMS = 16
 PROMPTS = [f"Write a long, detailed story about a lighthouse keeper named {name}."
@@ -44,8 +46,11 @@ def ensure_llamacpp(venv: Path) -> Path:
         return python
     print(f"installing llama-cpp-python[server] into {venv} (builds llama.cpp; minutes)")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # A -march=native build of ggml died with "invalid opcode" on the development VM (its
+    # CPUID claims more than the hypervisor allows): build for AVX-512 explicitly.
+    env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", LLAMA_CMAKE_ARGS)}
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "llama-cpp-python[server]"],
-                   check=True)
+                   check=True, env=env)
     return python
 
 
@@ -53,7 +58,9 @@ def start_llamacpp(python: Path, gguf: Path, log: Path) -> tuple[subprocess.Pope
     port = free_port()
     cmd = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 2),
-           "--model_alias", "smollm2"]
+           "--model_alias", "smollm2",
+           # By default a new request interrupts the one streaming; queue them instead.
+           "--interrupt_requests", "False"]
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -96,15 +103,25 @@ def measure(url: str, model: str) -> dict[str, float]:
     stream_one(url, model, "Hi")  # warm-up
     ttft, total, tokens = stream_one(url, model, PROMPTS[0])
     results: list[tuple[float, float, int]] = []
+    failures: list[str] = []
+
+    def run(prompt: str) -> None:
+        try:
+            results.append(stream_one(url, model, prompt))
+        except httpx.HTTPError as exc:
+            failures.append(repr(exc))
+
     start = time.perf_counter()
-    threads = [threading.Thread(target=lambda p=p: results.append(stream_one(url, model, p)))
-               for p in PROMPTS[:STREAMS]]
+    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS[:STREAMS]]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return {"ttft_ms": ttft * 1000, "tok_s_1": (tokens - 1) / (total - ttft),
+    if failures:
+        print(f"{model} at {url}: {len(failures)} of {STREAMS} streams failed: {failures[0]}")
+    return {"failed": len(failures), "ttft_ms": ttft * 1000,
+            "tok_s_1": (tokens - 1) / (total - ttft),
             "tok_s_16": sum(r[2] for r in results) / wall,
             "ttft_16_ms": 1000 * sum(r[0] for r in results) / len(results)}
 
@@ -137,7 +154,7 @@ def main() -> None:
     for name, r in (("llama.cpp (4-bit)", theirs), (f"sirocco ({args.dtype})", ours)):
         print(f"{name:<22} 1 stream: TTFT {r['ttft_ms']:6.0f} ms, {r['tok_s_1']:6.1f} tok/s   "
               f"{STREAMS} streams: {r['tok_s_16']:6.1f} tok/s (mean TTFT "
-              f"{r['ttft_16_ms']:6.0f} ms)")
+              f"{r['ttft_16_ms']:6.0f} ms, {r['failed']} failed)")
     print(f"sirocco / llama.cpp: 1 stream {ours['tok_s_1'] / theirs['tok_s_1']:.2f}x, "
           f"{STREAMS} streams {ours['tok_s_16'] / theirs['tok_s_16']:.2f}x, "
           f"TTFT {theirs['ttft_ms'] / ours['ttft_ms']:.2f}x")
