@@ -54,6 +54,18 @@ def answers(client: Mistral, model: str, pairs: list[tuple[str, str]]) -> list[s
     return out
 
 
+
+def assert_learned(client: Mistral, model_id: str, pairs: list[tuple[str, str]],
+                   at_least: int) -> None:
+    """The fine-tuned model gives at least `at_least` trained answers; the base none."""
+    expected = [a for _, a in pairs]
+    tuned = answers(client, model_id, pairs)
+    base = answers(client, "mistral-tiny", pairs)
+    learned = sum(got == want for got, want in zip(tuned, expected, strict=True))
+    known = sum(got == want for got, want in zip(base, expected, strict=True))
+    assert learned >= at_least, list(zip(expected, tuned, strict=True))
+    assert known == 0
+
 def test_upload_fine_tune_and_chat_with_the_new_model(demo_model_dir: Path,
                                                       tmp_path: Path) -> None:
     pairs = made_up_pairs(20)
@@ -68,13 +80,7 @@ def test_upload_fine_tune_and_chat_with_the_new_model(demo_model_dir: Path,
         card = client.models.retrieve(model_id=model_id)
         assert card.type == "fine-tuned" and card.root == "mistral-tiny"
 
-        expected = [a for _, a in pairs]
-        tuned = answers(client, model_id, pairs)
-        base = answers(client, "mistral-tiny", pairs)
-        learned = sum(got == want for got, want in zip(tuned, expected, strict=True))
-        known = sum(got == want for got, want in zip(base, expected, strict=True))
-        assert learned >= 18, list(zip(expected, tuned, strict=True))
-        assert known == 0
+        assert_learned(client, model_id, pairs, at_least=18)
         # Deleting the model stops serving it; the base model goes on.
         assert http.delete(f"/v1/models/{model_id}").status_code == 200
         r = http.post("/v1/chat/completions", json={"model": model_id, "messages": [
@@ -101,12 +107,6 @@ def test_smollm2_fine_tune_over_http(tmp_path_factory: pytest.TempPathFactory) -
         client = Mistral(api_key="unused", server_url=server.url)
         model_id = fine_tune(client, server.url, pairs, {
             "training_steps": 80, "learning_rate": 3e-3, "seq_len": 256})
-        expected = [a for _, a in pairs]
-        tuned = answers(client, model_id, pairs)
-        base = answers(client, "mistral-tiny", pairs)
-        learned = sum(got == want for got, want in zip(tuned, expected, strict=True))
-        known = sum(got == want for got, want in zip(base, expected, strict=True))
-        assert learned >= 10, list(zip(expected, tuned, strict=True))
-        assert known == 0
+        assert_learned(client, model_id, pairs, at_least=10)
     finally:
         server.stop()

@@ -89,21 +89,27 @@ def _job(jobs: JobQueue, fingerprint: str = "x") -> str:
                        invalid_sample_skip_percentage=0, fingerprint=fingerprint).id
 
 
-def test_only_one_worker_claims_a_job(tmp_path: Path) -> None:
-    jobs = _queue(tmp_path)
-    job_id = _job(jobs)
+def _claim_concurrently(jobs: JobQueue, workers: int) -> list[object]:
+    """What `workers` threads get when they all call `claim` at the same moment."""
     claims: list[object] = []
-    start = threading.Barrier(6)
+    start = threading.Barrier(workers)
 
     def claim(i: int) -> None:
         start.wait()
         claims.append(jobs.claim(f"worker-{i}"))
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(workers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return claims
+
+
+def test_only_one_worker_claims_a_job(tmp_path: Path) -> None:
+    jobs = _queue(tmp_path)
+    job_id = _job(jobs)
+    claims = _claim_concurrently(jobs, workers=6)
     won = [c for c in claims if c is not None]
     assert len(won) == 1 and won[0].id == job_id and won[0].status == VALIDATING
     assert jobs.claim("late") is None
@@ -266,18 +272,7 @@ def test_postgresql_claims_with_skip_locked(postgres_url: str, tmp_path: Path) -
     open_database(postgres_url, tmp_path).close()  # migrations are idempotent there too
     jobs = JobQueue(database)
     ids = {_job(jobs, f"job-{i}") for i in range(3)}
-    claims: list[object] = []
-    start = threading.Barrier(6)
-
-    def claim(i: int) -> None:
-        start.wait()
-        claims.append(jobs.claim(f"worker-{i}"))
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    claims = _claim_concurrently(jobs, workers=6)
     won = [c.id for c in claims if c is not None]
     assert sorted(won) == sorted(ids)  # every job claimed exactly once
     files = FileStore(database, tmp_path)
