@@ -14,7 +14,13 @@ from sirocco.engine.scheduler import ScheduledBatch
 from sirocco.engine.sequence import Sequence
 from sirocco.models.config import ModelConfig
 from sirocco.models.lora import attach_lora
-from sirocco.models.mistral import AttentionBatch, AttentionGroup, MistralModel, attention_mask
+from sirocco.models.mistral import (
+    AttentionBatch,
+    AttentionGroup,
+    MistralModel,
+    attention_mask,
+    can_pack,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +45,8 @@ class ModelRunner:
         model.load_hf_state_dict(
             {k: v.to(device=self.device, dtype=self.dtype) for k, v in state_dict.items()},
             assign=True)
+        if can_pack(self.dtype, self.device):
+            model.pack_linear_layers()
         self.model = model.eval()
         self.lora = attach_lora(self.model)  # adapters are added by name, at run time
 
@@ -128,13 +136,17 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
-        # Consecutive one-token chunks (decodes) share a group; each longer chunk has its own.
+        # Consecutive decodes (one token each) share a group, and so do consecutive first
+        # chunks of prompts of the same length; every other chunk has a group of its own.
         groups: list[list[tuple[Sequence, int]]] = []
+        last_kind = None
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if n == 1 and groups and groups[-1][-1][1] == 1:
+            kind = 1 if n == 1 else -n if seq.num_computed_tokens == 0 else None
+            if kind is not None and kind == last_kind:
                 groups[-1].append((seq, n))
             else:
                 groups.append([(seq, n)])
+            last_kind = kind
             start = seq.num_computed_tokens
             table = seq.block_table
             input_ids += seq.token_ids[start:start + n]
@@ -152,9 +164,9 @@ class ModelRunner:
             end = offset + n * len(group)
             grid = pos[offset:end].view(len(group), n)
             if n > 1 and group[0][0].num_computed_tokens == 0:
-                # A prompt's first chunk: its keys are its own tokens, no gather needed.
+                # Prompts' first chunks: their keys are their own tokens, no gather needed.
                 mask = None if window is None or n <= window else attention_mask(grid, n, window)
-                attn_groups.append(AttentionGroup(offset, end, 1, mask))
+                attn_groups.append(AttentionGroup(offset, end, len(group), mask))
             else:
                 width = max(len(seq.block_table) for seq, _ in group)
                 tables = [s.block_table + [0] * (width - len(s.block_table)) for s, _ in group]

@@ -147,10 +147,6 @@ class LoRALinear(nn.Module):
         self.name = name
         self.context = context
 
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
-
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         for slot, index in self.context.rows:

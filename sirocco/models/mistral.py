@@ -52,6 +52,41 @@ def default_linear(in_features: int, out_features: int) -> nn.Module:
     return Linear(in_features, out_features)
 
 
+# oneDNN lays a packed weight out for a typical number of rows. Packed for 128, the
+# bfloat16 weights of a 126M model ran 1.0-1.4x faster than `F.linear` at every row
+# count measured, 1 to 2,048 (dev box, all layers in turn so that weights come from RAM).
+_PACK_ROWS_HINT = 128
+
+
+class PackedLinear(nn.Module):
+    """A bias-free linear layer whose weight sits in oneDNN's blocked layout (CPU only).
+
+    `F.linear` on a CPU hands oneDNN a plain row-major weight to re-lay out on every call;
+    a decode step, a few rows times every weight of the model, pays that again and again.
+    Packing once at load time removes it.
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `PackedLinear` runs for this dtype on this device: a CPU with oneDNN, in
+    bfloat16 or float16 where the CPU supports them natively (float32 keeps MKL's GEMM)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
 @dataclass
 class AttentionGroup:
     """Sequences whose queries form one rectangular [batch_size, T / batch_size] grid.
@@ -265,6 +300,18 @@ class MistralModel(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
+
+    def pack_linear_layers(self) -> None:
+        """Swap every linear layer (the output head included) for a `PackedLinear`, for
+        serving where `can_pack` says so. The plain weights are released, except a tied
+        output head's: the embedding lookup still reads it, so that head costs a second
+        copy of the embedding matrix."""
+        for layer in self.layers:
+            for owner, name in ((layer.attention, "wqkv"), (layer.attention, "wo"),
+                                (layer.feed_forward, "w_gate_up"),
+                                (layer.feed_forward, "w_down")):
+                setattr(owner, name, PackedLinear(getattr(owner, name).weight))
+        self.lm_head = PackedLinear(self.lm_head.weight)
 
     def forward_padded(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Hidden states [B, L, hidden] of right-padded prompts [B, L], without a KV cache.

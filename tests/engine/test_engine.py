@@ -50,6 +50,22 @@ def test_sliding_window_shorter_than_sequence(tiny_windowed):
     run_and_check_logits(tiny_windowed, engine, random_prompts([12, 3], seed=1), max_tokens=9)
 
 
+@pytest.mark.parametrize("ckpt", ["tiny", "tiny_windowed"])
+def test_prompts_of_the_same_length_prefill_as_one_grid(ckpt, request):
+    ckpt = request.getfixturevalue(ckpt)
+    engine = make_engine(ckpt)
+    grids = []
+
+    def prepare(batch, original=engine.runner._prepare):
+        out = original(batch)
+        grids.extend((g.batch_size, g.end - g.start) for g in out[2].groups)
+        return out
+
+    engine.runner._prepare = prepare
+    run_and_check_logits(ckpt, engine, random_prompts([9, 9, 9, 4, 4, 7], seed=10), max_tokens=5)
+    assert grids[:3] == [(3, 27), (2, 8), (1, 7)]  # the first step: three grids of prompts
+
+
 def test_chunked_prefill_matches(tiny):
     engine = make_engine(tiny, max_num_batched_tokens=7)
     run_and_check_logits(tiny, engine, random_prompts([23, 2, 15], seed=2), max_tokens=6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sirocco.models.mistral import MistralModel
+from sirocco.models.mistral import MistralModel, PackedLinear, can_pack
 from tests.engine.conftest import make_checkpoint
 
 ATOL = 1e-4
@@ -79,3 +79,36 @@ def test_unknown_rope_scaling_is_a_clear_error(tiny):
     cfg = replace(tiny.model_config, rope_scaling={"rope_type": "wobbly", "factor": 2.0})
     with pytest.raises(ValueError, match="wobbly"):
         MistralModel(cfg)
+
+
+BF16_PACKS = can_pack(torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not BF16_PACKS, reason="this CPU has no native bfloat16 for oneDNN")
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@torch.inference_mode()
+def test_packed_linear_layers_give_the_plain_layers_logits(tied):
+    """bfloat16 on CPU serves with oneDNN-packed weights: the same logits as the plain
+    layers, in a batch of several rows and for a single row (the decode of one stream)."""
+    ckpt = make_checkpoint(seed=6, tie_word_embeddings=tied)
+    plain = ours(ckpt).to(torch.bfloat16)
+    packed = ours(ckpt).to(torch.bfloat16)
+    packed.pack_linear_layers()
+    assert isinstance(packed.layers[0].feed_forward.w_down, PackedLinear)
+    assert isinstance(packed.lm_head, PackedLinear)
+    for shape in [(3, 17), (1, 1)]:
+        ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(7))
+        expected = plain.compute_logits(plain.forward_padded(ids)).float()
+        got = packed.compute_logits(packed.forward_padded(ids)).float()
+        assert expected.abs().max() > 1.0
+        torch.testing.assert_close(got, expected, atol=0.05, rtol=0.01)
+
+
+def test_the_engine_packs_bfloat16_weights_on_cpu_only_where_it_can(tiny):
+    from sirocco.engine import EngineConfig, LLMEngine
+
+    for dtype in ("float32", "bfloat16"):
+        engine = LLMEngine(tiny.model_config, tiny.state_dict,
+                           EngineConfig(dtype=dtype, kv_cache_memory=2**20))
+        head = engine.runner.model.lm_head
+        assert isinstance(head, PackedLinear) == (dtype == "bfloat16" and BF16_PACKS)
