@@ -47,8 +47,9 @@ def platform_args(model_dir: Path, *extra: str) -> list[str]:
 
 
 def platform_env() -> dict[str, str]:
+    """The fake trainer, and W&B runs kept on disk (no network here)."""
     return {"SIROCCO_FINETUNE_TRAINER": "fake_trainer:train", "PYTHONPATH": str(TESTS_DIR),
-            "FAKE_TRAINER_STEP_S": str(FAKE_STEP_S)}
+            "FAKE_TRAINER_STEP_S": str(FAKE_STEP_S), "WANDB_MODE": "offline"}
 
 
 def start_platform_server(model_dir: Path, data_dir: Path) -> Server:

@@ -12,18 +12,22 @@ import subprocess
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, start_server
 from tests.conftest_platform import (  # noqa: F401 - fixtures
     API_KEY,
     api,
     assert_schema,
     chat_jsonl,
+    client,
+    platform_args,
+    platform_env,
     platform_server,
     upload,
     wait_for,
@@ -64,7 +68,8 @@ def training_file(api: httpx.Client) -> str:
     return upload(api, chat_jsonl(20, tag=uuid.uuid4().hex[:6]))["id"]
 
 
-def test_job_trains_and_its_model_is_served(api: httpx.Client, training_file: str) -> None:
+def test_job_trains_and_its_model_is_served(api: httpx.Client, platform_server: Server,
+                                            training_file: str) -> None:
     valid = upload(api, chat_jsonl(2, tag="valid"), "valid.jsonl")["id"]
     job = create(api, training_files=[{"file_id": training_file, "weight": 2}],
                  validation_files=[valid], suffix="zebra", auto_start=True,
@@ -96,6 +101,7 @@ def test_job_trains_and_its_model_is_served(api: httpx.Client, training_file: st
     assert job["id"] in [j["id"] for j in listed["data"]]
     wandb = api.get("/v1/fine_tuning/jobs", params={"wandb_project": "p", "wandb_name": "run"})
     assert [j["id"] for j in wandb.json()["data"]] == [job["id"]]
+    check_wandb_run(platform_server.data_dir, job["id"], model_id)
 
     r = api.patch(f"/v1/fine_tuning/models/{model_id}",
                   json={"name": "Zebra", "description": "knows the secret words"})
@@ -114,6 +120,57 @@ def test_job_trains_and_its_model_is_served(api: httpx.Client, training_file: st
                                                           "deleted": True}
     assert model_id not in [m["id"] for m in api.get("/v1/models").json()["data"]]
     assert api.patch(f"/v1/fine_tuning/models/{model_id}", json={"name": "x"}).status_code == 404
+
+
+def wandb_records(path: Path) -> Iterator[Any]:
+    """The records of a W&B run file: a 7-byte header, then LevelDB-log framing (32 KiB
+    blocks; each chunk has a 4-byte checksum, a 2-byte length and a type: 1 whole record,
+    2 / 3 / 4 its first / middle / last part) around protobuf `Record`s."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        if room < 7:  # a block's tail too short for a chunk header is padding
+            pos += room
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            yield Record.FromString(pending)
+            pending = b""
+
+
+def check_wandb_run(data_dir: Path, job_id: str, model_id: str) -> None:
+    """The job's W&B run (offline, in the job's directory): its project, name and config,
+    each checkpoint's metrics at its step, and the outcome in the summary."""
+    [run_file] = (data_dir / "fine_tuning" / job_id / "wandb").glob(
+        f"offline-run-*-{job_id}/run-{job_id}.wandb")
+    history: dict[int, dict[str, float]] = {}
+    summary: dict[str, Any] = {}
+
+    def items(updates: Any) -> dict[str, Any]:
+        return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in updates}
+
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            config = items(run.config.update)
+            assert (run.project, run.display_name, run.run_id) == ("p", "run", job_id)
+            assert config["model"] == "mistral-tiny" and config["training_steps"] == 4
+        elif kind == "history":
+            row = items(record.history.item)
+            history.setdefault(row.pop("_step"), {}).update(row)
+        elif kind == "summary":
+            summary.update(items(record.summary.update))
+    assert sorted(history) == [1, 2, 3, 4]
+    assert history[4]["train_loss"] == pytest.approx(2.0 / 4)
+    assert history[4]["valid_loss"] == pytest.approx(2.5 / 4)
+    assert (summary["status"], summary["fine_tuned_model"]) == ("SUCCESS", model_id)
 
 
 def test_sdk_manages_the_fine_tuned_model(api: httpx.Client, platform_server: Server,
@@ -271,6 +328,8 @@ def test_request_errors(api: httpx.Client, training_file: str) -> None:
     assert post(hyperparameters={"seq_len": 99}).status_code == 422
     assert post(invalid_sample_skip_percentage=0.6).status_code == 422
     assert post(integrations=[{"project": "p", "api_key": "short"}]).status_code == 422
+    bad_project = post(integrations=[{"project": "team/p", "api_key": "k" * 40}])
+    assert bad_project.json()["detail"][0]["loc"] == ["body", "integrations", 0, "project"]
     ghost = str(uuid.uuid4())
     missing = post(training_files=[{"file_id": training_file}, {"file_id": ghost}])
     assert missing.status_code == 422
@@ -397,3 +456,43 @@ def test_sdk_2_5_1_fine_tuning_jobs(platform_server: Server, training_file: str)
     assert kind == "CompletionFineTuningJobDetails"
     assert status in ("CANCELLATION_REQUESTED", "CANCELLED") and final == "CANCELLED"
     assert out["model"] == ["FTModelCard", model_id, "mistral-tiny", job_id]
+
+
+def test_wandb_integration_needs_wandb_installed(demo_model_dir: Path, tmp_path: Path) -> None:
+    """Without the wandb package, a job asking for W&B is refused, not silently run."""
+    env = platform_env()
+    env["PYTHONPATH"] = f"{Path(__file__).parent / 'no_wandb'}{os.pathsep}{env['PYTHONPATH']}"
+    server = start_server(platform_args(demo_model_dir), tmp_path, env=env)
+    try:
+        with client(server) as api:
+            file_id = upload(api, chat_jsonl(3))["id"]
+            body = {"model": "mistral-tiny", "hyperparameters": {"training_steps": 1},
+                    "training_files": [{"file_id": file_id}]}
+            r = api.post("/v1/fine_tuning/jobs", json={
+                **body, "integrations": [{"project": "p", "api_key": "k" * 40}]})
+            assert r.status_code == 400, r.text
+            assert r.json()["param"] == "integrations"
+            assert "wandb package is not installed" in r.json()["message"]
+            assert api.get("/v1/fine_tuning/jobs").json()["total"] == 0
+            assert api.post("/v1/fine_tuning/jobs", json=body).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_wandb_failure_is_an_event_and_training_goes_on(tmp_path: Path, monkeypatch) -> None:
+    import wandb
+
+    from sirocco.finetune.wandb_runs import WandbRuns
+
+    def refuse(**kwargs: Any) -> None:
+        raise wandb.errors.CommError("wandb.ai is unreachable")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    events: list[tuple[str, dict]] = []
+    runs = WandbRuns.start("job-1", [{"project": "p", "api_key": "k" * 40}], {}, tmp_path,
+                           lambda name, data: events.append((name, data)))
+    assert events == [("wandb-error", {"project": "p",
+                                       "error": "CommError: wandb.ai is unreachable"})]
+    assert runs.urls == {}
+    runs.log(1, {"train_loss": 1.0})  # nothing open: nothing to log, no error
+    runs.finish("SUCCESS", "ft:model")

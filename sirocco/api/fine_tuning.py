@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from sirocco.api.errors import APIError, invalid_model, not_found
 from sirocco.api.state import ServerState, get_state
 from sirocco.finetune.jobs import JobConflict, JobQueue, estimate_tokens, request_hash
+from sirocco.finetune.wandb_runs import INSTALL_HINT, wandb_available
 from sirocco.protocol.jobs import (
     ArchiveFTModelOut,
     CheckpointOut,
@@ -55,7 +56,8 @@ def job_fields(job: JobRecord) -> dict[str, Any]:
     integrations = None
     if job.integrations is not None:
         integrations = [{"type": "wandb", "project": i["project"], "name": i.get("name"),
-                         "run_name": i.get("run_name"), "url": None} for i in job.integrations]
+                         "run_name": i.get("run_name"), "url": i.get("url")}
+                        for i in job.integrations]
     return dict(
         id=job.id, auto_start=job.auto_start, model=job.model, status=job.status,
         created_at=job.created_at, modified_at=job.modified_at,
@@ -111,6 +113,10 @@ def _check_request(body: JobIn, files: FileStore) -> None:
     if body.job_type == "classifier" or body.classifier_targets:
         raise APIError(400, "classifier fine-tuning is not supported by this server; "
                        "use job_type 'completion'", param="job_type")
+    if body.integrations and not wandb_available():
+        raise APIError(400, "integrations: this server cannot log to Weights & Biases, the "
+                       f"wandb package is not installed ({INSTALL_HINT})",
+                       param="integrations")
     if body.repositories:
         raise APIError(400, "training on GitHub repositories is not supported by this server "
                        "(it runs offline); upload the data as JSONL files", param="repositories")

@@ -213,6 +213,15 @@ class JobQueue:
                                               JobRecord.claimed_by == worker_id)
                       .values(claimed_by=None, heartbeat_at=None))
 
+    def set_integration_urls(self, job_id: str, urls: dict[int, str]) -> None:
+        """Record the page of the W&B run of each integration (by index)."""
+        with self.db.session() as s:
+            job = s.get(JobRecord, job_id)
+            if job is None or not job.integrations:
+                return
+            job.integrations = [{**item, "url": urls[i]} if i in urls else item
+                                for i, item in enumerate(job.integrations)]
+
     def set_metadata(self, job_id: str, metadata: dict[str, Any]) -> None:
         with self.db.session() as s:
             s.execute(update(JobRecord).where(JobRecord.id == job_id)

@@ -41,6 +41,7 @@ from sirocco.finetune.jobs import (
     validate_file,
     write_valid_lines,
 )
+from sirocco.finetune.wandb_runs import WandbRuns
 from sirocco.models.lora import LoRAError
 from sirocco.protocol.models import ModelCapabilities
 from sirocco.serving.registry import ModelRegistry, ServedModel, UnknownModel
@@ -212,6 +213,7 @@ class JobWorker:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._process: Any = None  # the training process, while one runs
+        self._wandb: WandbRuns | None = None  # the W&B runs of the job training now
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -397,7 +399,26 @@ class JobWorker:
             "output_dir": str(job_dir / "adapter"),
             "seed": uuid.UUID(job.id).int % (2**31),
         }
-        outcome = self._run_trainer(job.id, spec)
+        self._wandb = self._start_wandb(job, job_dir)
+        try:
+            self._finish_training(job, base, job_dir, self._run_trainer(job.id, spec))
+        finally:
+            final = self.jobs.get(job.id)
+            self._wandb.finish(final.status, final.fine_tuned_model)
+            self._wandb = None
+
+    def _start_wandb(self, job: JobRecord, job_dir: Path) -> WandbRuns:
+        config = {"job_id": job.id, "model": job.model, **dict(job.hyperparameters),
+                  "training_files": job.training_files,
+                  "validation_files": list(job.validation_files)}
+        runs = WandbRuns.start(job.id, job.integrations or [], config, job_dir,
+                               lambda name, data: self.jobs.add_event(job.id, name, data))
+        if runs.urls:
+            self.jobs.set_integration_urls(job.id, runs.urls)
+        return runs
+
+    def _finish_training(self, job: JobRecord, base: ServedModel, job_dir: Path,
+                         outcome: tuple) -> None:
         kind = outcome[0]
         if kind == "result":
             _, adapter_dir, steps, metrics, trained_tokens = outcome
@@ -467,10 +488,15 @@ class JobWorker:
             self.jobs.add_event(job_id, name, data)
             if "train_tokens_per_step" in data:
                 self._record_plan(job_id, data)
+                self._wandb.update_config(data)
+            if "step" in data:
+                self._wandb.log(data["step"], {k: data.get(k)
+                                               for k in ("train_loss", "learning_rate")})
             return None
         if kind == "checkpoint":
             _, step, metrics = message
             self.jobs.add_checkpoint(job_id, step, metrics)
+            self._wandb.log(step, metrics)
             return None
         if kind == "error":
             log.error("job %s: training failed:\n%s", job_id, message[2])

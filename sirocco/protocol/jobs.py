@@ -39,10 +39,12 @@ class TrainingFile(_Strict):
 
 
 class WandbIntegration(_Strict):
-    """Accepted and stored; Sirocco runs offline, so nothing is sent to W&B."""
+    """A W&B project that gets a run with the job's metrics while it trains (see
+    `sirocco.finetune.wandb_runs`)."""
 
     type: Literal["wandb"] = "wandb"
-    project: str
+    # W&B's own rule for project names, checked here rather than when training starts.
+    project: str = Field(min_length=1, max_length=128, pattern=r"^[^/\\#?%:]+$")
     name: str | None = None
     api_key: str = Field(min_length=40, max_length=40)
     run_name: str | None = None
