@@ -265,7 +265,7 @@ def test_validation_reports_line_numbers(api: httpx.Client) -> None:
     by_line = {e["line"]: e["message"] for e in report["errors"]}
     assert sorted(by_line) == [2, 3, 4, 5, 6, 7]
     assert "JSON" in by_line[2]
-    assert "last message" in by_line[3]
+    assert "end with an assistant message" in by_line[3]
     assert "text" in by_line[4]
     assert "weight" in by_line[5]
     assert "9" in by_line[6] or "id" in by_line[6].lower()  # mistral-common: ids are 9 chars

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sirocco.finetune.data import validate_file
 from sirocco.finetune.jobs import (
     QUEUED,
     RUNNING,
@@ -24,7 +25,6 @@ from sirocco.finetune.jobs import (
     VALIDATING,
     JobQueue,
     fine_tuned_model_id,
-    validate_file,
 )
 from sirocco.storage.blobs import BlobStore, BlobTooLarge
 from sirocco.storage.database import open_database
@@ -160,10 +160,11 @@ def test_mistral_common_validator_checks_tool_calls(tmp_path: Path,
     ]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(s) for s in samples) + "\n")
-    report = validate_file(path, "f", tokenizer)
+    report = validate_file(path, tokenizer, "f")
     assert (report.samples, report.invalid, report.invalid_lines) == (3, 1, [2])
     assert "id" in report.errors[0]["message"].lower()
-    assert validate_file(path, "f", None).invalid == 0  # structure alone accepts it
+    # Mistral's fine-tuning rules apply whatever the model: training applies them too
+    assert validate_file(path, None, "f").invalid_lines == [2]
 
 
 @pytest.mark.skipif(not (SPECS / "mistral-openapi.yaml").exists(), reason="specs not at hand")

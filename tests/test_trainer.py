@@ -343,7 +343,7 @@ def test_validation_reports_line_numbers(tokenizer, tmp_path):
     ]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    problems = dict(validate_file(path, tokenizer))
+    problems = dict(validate_file(path, tokenizer).problems)
     assert sorted(problems) == [2, 3, 4, 5, 7, 8, 10]
     assert "invalid JSON" in problems[2]
     assert "'messages'" in problems[3] and "'text'" in problems[3]
@@ -365,11 +365,12 @@ def test_back_to_back_assistant_messages_are_trained(tokenizer):
 def test_validation_of_an_empty_or_binary_file(tokenizer, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert validate_file(empty, tokenizer) == [(0, "the file has no samples")]
+    assert validate_file(empty, tokenizer).problems == [(0, "the file has no samples")]
     binary = tmp_path / "binary.jsonl"
-    binary.write_bytes(b"\xff\xfe\x00garbage")
-    ((line, problem),) = validate_file(binary, tokenizer)
-    assert line == 0 and "UTF-8" in problem
+    binary.write_bytes(json.dumps(chat("Fine?", "Yes")).encode() + b"\n\xff\xfe\x00garbage\n")
+    report = validate_file(binary, tokenizer)
+    ((line, problem),) = report.problems
+    assert (report.samples, line) == (2, 2) and "UTF-8" in problem
 
 
 def test_training_refuses_a_bad_file_with_its_line(tokenizer, tmp_path):

@@ -13,7 +13,8 @@ from fastapi.exceptions import RequestValidationError
 
 from sirocco.api.errors import APIError, invalid_model, not_found
 from sirocco.api.state import ServerState, get_state
-from sirocco.finetune.jobs import JobConflict, JobQueue, estimate_tokens, request_hash
+from sirocco.finetune.data import estimate_tokens
+from sirocco.finetune.jobs import JobConflict, JobQueue, request_hash
 from sirocco.finetune.wandb_runs import INSTALL_HINT, wandb_available
 from sirocco.protocol.jobs import (
     ArchiveFTModelOut,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,43 +188,98 @@ def _wire_messages(record: dict) -> list[dict[str, Any]]:
     return messages
 
 
-def validate_file(
-    path: Path, tokenizer: Tokenizer, max_problems: int = 100
-) -> list[tuple[int, str]]:
-    """Every problem in a training or validation JSONL file, as (line number, problem).
+#: Problems listed per file in a job's events (the count of invalid samples is exact).
+MAX_REPORTED_ERRORS = 50
 
-    Line 0 stands for the file as a whole (unreadable, or no samples at all). Samples that
-    pass the format rules are also tokenized, so a conversation the model's tokenizer
-    cannot encode is reported here and not in the middle of training.
+
+@dataclass(slots=True)
+class FileReport:
+    """What validation found in one JSONL file. Line 0 stands for the file as a whole."""
+
+    file_id: str = ""
+    samples: int = 0  # non-blank lines
+    invalid: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)  # first MAX_REPORTED_ERRORS
+    invalid_lines: list[int] = field(default_factory=list)
+
+    def fail(self, line: int, message: str) -> None:
+        self.invalid += 1
+        self.invalid_lines.append(line)
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append({"line": line, "message": message})
+
+    @property
+    def problems(self) -> list[tuple[int, str]]:
+        """(line, problem) of the reported errors."""
+        return [(e["line"], e["message"]) for e in self.errors]
+
+
+def validate_file(path: Path, tokenizer: Tokenizer | None, file_id: str = "") -> FileReport:
+    """Check every line of a training or validation JSONL file (lines count from 1).
+
+    The job worker runs this before training, with the rules training itself applies
+    (`record_problem`), and tokenizes each valid sample with the base model's tokenizer
+    (when there is one), so that a bad sample is reported with its line number here and
+    never stops training halfway.
     """
-    problems: list[tuple[int, str]] = []
-    samples = 0
-    try:
-        for number, line in read_jsonl(Path(path)):
+    report = FileReport(file_id)
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            report.samples += 1
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                report.fail(number, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+                continue
             except json.JSONDecodeError as exc:
-                problems.append((number, f"invalid JSON: {exc.msg} (column {exc.colno})"))
-            else:
-                problem = record_problem(record)
-                if problem is None:
-                    try:
-                        tokenize_record(record, tokenizer)
-                    except (TokenizerError, TrainingDataError) as exc:
-                        problem = f"cannot be tokenized: {_first_line(exc)}"
-                if problem is not None:
-                    problems.append((number, problem))
-                else:
-                    samples += 1
-            if len(problems) >= max_problems:
-                break
-    except UnicodeDecodeError as exc:
-        problems.append((0, f"the file is not UTF-8 text: {exc.reason} at byte {exc.start}"))
-    except OSError as exc:
-        problems.append((0, f"cannot read the file: {exc.strerror or exc}"))
-    if samples == 0 and not problems:
-        problems.append((0, "the file has no samples"))
-    return problems
+                report.fail(number, f"invalid JSON: {exc.msg} (column {exc.colno})")
+                continue
+            problem = record_problem(record)
+            if problem is None and tokenizer is not None:
+                try:
+                    tokenize_record(record, tokenizer)
+                except (TokenizerError, TrainingDataError) as exc:
+                    problem = f"cannot be tokenized: {_first_line(exc)}"
+            if problem is not None:
+                report.fail(number, problem)
+    if report.samples == 0:
+        report.fail(0, "the file has no samples")
+    return report
+
+
+def write_valid_lines(source: Path, target: Path, invalid_lines: list[int]) -> None:
+    """A copy of `source` without the lines that failed validation (for skipped samples)."""
+    skip = set(invalid_lines)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        for number, raw in enumerate(src, start=1):
+            if number not in skip:
+                dst.write(raw)
+
+
+def estimate_tokens(path: Path, tokenizer: Any) -> int:
+    """Tokens of a JSONL file's text (message contents or `text`), for dry runs."""
+    total = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                sample = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(sample, dict):
+                continue
+            texts: list[str] = []
+            if isinstance(sample.get("text"), str):
+                texts.append(sample["text"])
+            for m in sample.get("messages") or []:
+                if isinstance(m, dict) and isinstance(m.get("content"), str):
+                    texts.append(m["content"])
+                    total += 4  # role and turn markers
+            for text in texts:
+                total += len(tokenizer.encode_text(text)) if tokenizer else len(text) // 4
+    return total
 
 
 # ----------------------------------------------------------------------------------------

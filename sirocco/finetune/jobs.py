@@ -1,4 +1,4 @@
-"""Fine-tuning jobs: the queue in the database, the status machine, and data validation.
+"""Fine-tuning jobs: the queue in the database and the status machine.
 
 Statuses move QUEUED -> VALIDATING -> VALIDATED -> RUNNING -> SUCCESS, or end in
 FAILED_VALIDATION, FAILED, or CANCELLATION_REQUESTED -> CANCELLED. A job with
@@ -15,9 +15,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -38,10 +36,6 @@ CANCELLATION_REQUESTED, CANCELLED = "CANCELLATION_REQUESTED", "CANCELLED"
 ACTIVE = (QUEUED, VALIDATING, VALIDATED, RUNNING, CANCELLATION_REQUESTED)
 #: Statuses in which a worker holds the job.
 CLAIMED = (VALIDATING, RUNNING, CANCELLATION_REQUESTED)
-
-#: Validation errors reported per file in the job's events (the count is always exact).
-MAX_REPORTED_ERRORS = 50
-
 
 class JobConflict(Exception):
     """The job is not in a status that allows what was asked; the message says why."""
@@ -351,177 +345,3 @@ class JobQueue:
     def count(self) -> int:
         with self.db.session() as s:
             return s.scalar(select(func.count()).select_from(JobRecord)) or 0
-
-
-# -- training data validation ------------------------------------------------------------
-
-_ROLES = ("system", "user", "assistant", "tool")
-
-
-@dataclass(slots=True)
-class FileReport:
-    """What validation found in one JSONL file."""
-
-    file_id: str
-    samples: int = 0
-    invalid: int = 0
-    errors: list[dict[str, Any]] = field(default_factory=list)  # first MAX_REPORTED_ERRORS
-    invalid_lines: list[int] = field(default_factory=list)
-    kinds: set[str] = field(default_factory=set)
-    text_chars: int = 0
-
-    def fail(self, line: int, message: str) -> None:
-        self.invalid += 1
-        self.invalid_lines.append(line)
-        if len(self.errors) < MAX_REPORTED_ERRORS:
-            self.errors.append({"line": line, "message": message})
-
-
-def _mistral_validator(tokenizer: Any) -> Any:
-    """mistral-common's validator for this tokenizer, in fine-tuning mode, or None."""
-    if getattr(tokenizer, "backend", "") != "mistral-common":
-        return None
-    from mistral_common.protocol.instruct.validator import MistralRequestValidator, ValidationMode
-
-    # The tokenizer's own validator class matches its version (V3, V5, V11, ...).
-    current = getattr(getattr(tokenizer, "_mistral", None),
-                      "_chat_completion_request_validator", None)
-    validator_class = type(current) if current is not None else MistralRequestValidator
-    return validator_class(ValidationMode.finetuning)
-
-
-def _to_mistral_messages(messages: list[dict[str, Any]]) -> list[Any]:
-    from mistral_common.protocol.instruct.messages import (
-        FinetuningAssistantMessage,
-        SystemMessage,
-        ToolMessage,
-        UserMessage,
-    )
-
-    classes = {"system": SystemMessage, "user": UserMessage, "tool": ToolMessage,
-               "assistant": FinetuningAssistantMessage}
-    out = []
-    for m in messages:
-        fields = {k: v for k, v in m.items() if k != "text"}
-        if "text" in m:
-            fields["content"] = m["text"]
-        out.append(classes[m["role"]].model_validate(fields))
-    return out
-
-
-def check_sample(sample: Any, validator: Any) -> tuple[str, int]:
-    """The sample's kind ("instruct" or "pretrain") and its text length; raises
-    `ValueError` with a user-facing message when it cannot be trained on."""
-    if not isinstance(sample, dict):
-        raise ValueError(f"expected a JSON object, got {type(sample).__name__}")
-    if "text" in sample or ("content" in sample and "messages" not in sample):
-        if "text" in sample and "content" in sample:
-            raise ValueError("give `text` or `content`, not both")
-        text = sample.get("text", sample.get("content"))
-        if not isinstance(text, str):
-            raise ValueError("`text` must be a string")
-        return "pretrain", len(text)
-    if "messages" in sample and "interactions" in sample:
-        raise ValueError("give `messages` or `interactions`, not both")
-    messages = sample.get("messages", sample.get("interactions"))
-    if messages is None:
-        raise ValueError("expected `messages` (a list of chat messages) or `text` (a string)")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("`messages` must be a non-empty list")
-    chars = 0
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ValueError(f"{where} must be an object")
-        role = m.get("role")
-        if role not in _ROLES:
-            raise ValueError(f"{where}.role must be one of {', '.join(_ROLES)}, got {role!r}")
-        if "content" in m and "text" in m:
-            raise ValueError(f"{where}: give `content` or `text`, not both")
-        content = m.get("content", m.get("text"))
-        if content is None and not m.get("tool_calls"):
-            raise ValueError(f"{where} ({role}) has no content")
-        if role == "assistant" and "weight" in m and m["weight"] not in (0, 1):
-            raise ValueError(f"{where}.weight must be 0 or 1, got {m['weight']!r}")
-        if role == "tool" and not m.get("tool_call_id"):
-            raise ValueError(f"{where} (tool) needs a `tool_call_id`")
-        chars += len(content) if isinstance(content, str) else len(json.dumps(content))
-    if sum(1 for m in messages if m["role"] == "system") > 1:
-        raise ValueError("more than one system message; only one is allowed")
-    if messages[-1]["role"] != "assistant":
-        raise ValueError(f"the last message must be from the assistant (got "
-                         f"{messages[-1]['role']}): only assistant turns are trained on")
-    if validator is not None:
-        from mistral_common.exceptions import MistralCommonException
-        from pydantic import ValidationError
-
-        tools = sample.get("tools", sample.get("available_tools")) or []
-        try:
-            validator.validate_messages(_to_mistral_messages(messages))
-            if tools:
-                from mistral_common.protocol.instruct.tool_calls import Tool
-
-                validator._validate_tools([Tool.model_validate(t) for t in tools])
-        except (MistralCommonException, ValidationError, ValueError, TypeError) as exc:
-            raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) \
-                from None
-    return "instruct", chars
-
-
-def validate_file(path: Path, file_id: str, tokenizer: Any = None) -> FileReport:
-    """Check every line of a JSONL training file; line numbers start at 1."""
-    report = FileReport(file_id=file_id)
-    validator = _mistral_validator(tokenizer)
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            report.samples += 1
-            try:
-                sample = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                report.fail(number, f"invalid JSON: {exc}")
-                continue
-            try:
-                kind, chars = check_sample(sample, validator)
-            except ValueError as exc:
-                report.fail(number, str(exc))
-                continue
-            report.kinds.add(kind)
-            report.text_chars += chars
-    if report.samples == 0:
-        report.fail(0, "the file has no samples")
-    return report
-
-
-def write_valid_lines(source: Path, target: Path, invalid_lines: list[int]) -> None:
-    """A copy of `source` without the lines that failed validation (for skipped samples)."""
-    skip = set(invalid_lines)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        for number, raw in enumerate(src, start=1):
-            if number not in skip:
-                dst.write(raw)
-
-
-def estimate_tokens(path: Path, tokenizer: Any) -> int:
-    """Tokens of a JSONL file's text (message contents or `text`), for dry runs."""
-    total = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                sample = json.loads(raw)
-            except ValueError:
-                continue
-            if not isinstance(sample, dict):
-                continue
-            texts: list[str] = []
-            if isinstance(sample.get("text"), str):
-                texts.append(sample["text"])
-            for m in sample.get("messages") or []:
-                if isinstance(m, dict) and isinstance(m.get("content"), str):
-                    texts.append(m["content"])
-                    total += 4  # role and turn markers
-            for text in texts:
-                total += len(tokenizer.encode_text(text)) if tokenizer else len(text) // 4
-    return total

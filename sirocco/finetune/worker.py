@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sirocco.finetune.data import FileReport, validate_file, write_valid_lines
 from sirocco.finetune.jobs import (
     CANCELLATION_REQUESTED,
     CANCELLED,
@@ -35,11 +36,8 @@ from sirocco.finetune.jobs import (
     RUNNING,
     VALIDATED,
     VALIDATING,
-    FileReport,
     JobQueue,
     fine_tuned_model_id,
-    validate_file,
-    write_valid_lines,
 )
 from sirocco.finetune.wandb_runs import WandbRuns
 from sirocco.models.lora import LoRAError
@@ -327,7 +325,7 @@ class JobWorker:
             if path is None:
                 missing.append(file_id)
                 continue
-            reports.append((role, validate_file(path, file_id, tokenizer)))
+            reports.append((role, validate_file(path, tokenizer, file_id)))
         if self._finish_cancel(job.id):
             return False
         if self._stopping.is_set():
