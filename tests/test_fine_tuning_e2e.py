@@ -110,3 +110,52 @@ def test_smollm2_fine_tune_over_http(tmp_path_factory: pytest.TempPathFactory) -
         assert_learned(client, model_id, pairs, at_least=10)
     finally:
         server.stop()
+
+
+def test_training_resumes_after_a_crash(demo_model_dir: Path, tmp_path: Path) -> None:
+    """The server dies (SIGKILL) mid-training; at the next start the job picks up from
+    its last checkpoint instead of starting over, and its model is served."""
+    args = ["--model", str(demo_model_dir), "--served-model-name", "mistral-tiny",
+            "--dtype", "float32"]
+    data_dir = tmp_path / "data"
+    server = start_server(args, data_dir)
+    try:
+        client = Mistral(api_key="unused", server_url=server.url)
+        lines = [json.dumps({"messages": [{"role": "user", "content": q},
+                                          {"role": "assistant", "content": a}]})
+                 for q, a in made_up_pairs(8)]
+        uploaded = client.files.upload(file={"file_name": "codes.jsonl", "content": (
+            "\n".join(lines) + "\n").encode()}, purpose="fine-tune")
+        http = httpx.Client(base_url=server.url, timeout=60)
+        job_id = http.post("/v1/fine_tuning/jobs", json={
+            "model": "mistral-tiny", "training_files": [{"file_id": uploaded.id}],
+            "hyperparameters": {"training_steps": 200, "learning_rate": 0.01,
+                                "seq_len": 256}, "auto_start": True}).json()["id"]
+        deadline = time.monotonic() + 300
+        while len(http.get(f"/v1/fine_tuning/jobs/{job_id}").json()["checkpoints"]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        server.process.kill()  # a crash: no shutdown code runs
+        server.process.wait()
+    server = start_server(args, data_dir)
+    try:
+        http = httpx.Client(base_url=server.url, timeout=60)
+        deadline = time.monotonic() + 600
+        while (job := http.get(f"/v1/fine_tuning/jobs/{job_id}").json())["status"] not in (
+                "SUCCESS", "FAILED", "CANCELLED"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["status"] == "SUCCESS", job["events"]
+        names = [e["name"] for e in reversed(job["events"])]  # oldest first
+        assert names.index("training-interrupted") < names.index("training resumed")
+        resumed = next(e["data"] for e in job["events"] if e["name"] == "training resumed")
+        steps = sorted(c["step_number"] for c in job["checkpoints"])
+        # It went on from a checkpoint (20, 40, ...) reached before the crash, not step 0.
+        assert resumed["step"] >= 40 and resumed["step"] % 20 == 0 and steps[-1] == 200
+        r = http.post("/v1/chat/completions", json={
+            "model": job["fine_tuned_model"], "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+    finally:
+        server.stop()

@@ -19,6 +19,7 @@ import pytest
 
 from sirocco.finetune.data import validate_file
 from sirocco.finetune.jobs import (
+    MAX_INTERRUPTIONS,
     QUEUED,
     RUNNING,
     VALIDATED,
@@ -118,16 +119,25 @@ def test_only_one_worker_claims_a_job(tmp_path: Path) -> None:
     assert jobs.status(job_id) == VALIDATED
 
 
-def test_recovery_fails_a_job_whose_worker_died(tmp_path: Path) -> None:
+def test_recovery_requeues_a_job_whose_worker_died(tmp_path: Path) -> None:
     jobs = _queue(tmp_path)
     running, validating = _job(jobs, "a"), _job(jobs, "b")
     jobs.claim("host:1:dead")
     jobs.claim("host:1:dead")
     jobs.transition(running, [VALIDATING], RUNNING)
     assert sorted(jobs.recover(lambda claimed_by, beat: True)) == sorted([running, validating])
-    assert jobs.status(running) == "FAILED" and jobs.status(validating) == QUEUED
+    assert jobs.status(running) == QUEUED and jobs.status(validating) == QUEUED
     job, events, _ = jobs.details(running)
-    assert any(e.name == "job-failed" and "stopped" in e.data["error"] for e in events)
+    interrupted = [e for e in events if e.name == "training-interrupted"]
+    assert len(interrupted) == 1 and "stopped" in interrupted[0].data["error"]
+    # Already validated: its next claim goes straight back to training (to resume).
+    assert jobs.claim("host:2:alive").id == running and jobs.status(running) == RUNNING
+    for _ in range(MAX_INTERRUPTIONS):  # ... until it has been interrupted too often
+        jobs.recover(lambda claimed_by, beat: True)
+        jobs.claim("host:2:alive")
+    assert jobs.status(running) == "FAILED"
+    job, events, _ = jobs.details(running)
+    assert any(e.name == "job-failed" and "4 times" in e.data["error"] for e in events)
 
 
 def test_fine_tuned_model_ids() -> None:
@@ -222,10 +232,16 @@ def test_everything_survives_a_crash_and_restart(demo_model_dir: Path, tmp_path:
             assert cards[model_id]["type"] == "fine-tuned"
             assert cards[model_id]["job"] == done_id
 
+            # The job that was training is back in the queue, to resume (the fake trainer
+            # starts over; test_fine_tuning_e2e resumes a real one); cancel it.
             crashed = api.get(f"/v1/fine_tuning/jobs/{running_id}").json()
-            assert crashed["status"] == "FAILED"
-            failure = next(e for e in crashed["events"] if e["name"] == "job-failed")
-            assert "stopped while this job was training" in failure["data"]["error"]
+            assert crashed["status"] in ("QUEUED", "RUNNING")
+            interrupted = next(e for e in crashed["events"]
+                               if e["name"] == "training-interrupted")
+            assert "stopped while this job was training" in interrupted["data"]["error"]
+            api.post(f"/v1/fine_tuning/jobs/{running_id}/cancel")
+            wait_for(lambda: api.get(f"/v1/fine_tuning/jobs/{running_id}").json()["status"]
+                     == "CANCELLED")
 
             assert api.get(f"/v1/fine_tuning/jobs/{waiting_id}").json()["status"] == "VALIDATED"
             api.post(f"/v1/fine_tuning/jobs/{waiting_id}/start")

@@ -30,6 +30,7 @@ from sirocco.finetune.trainer import (
     TrainSpec,
     estimate,
     resolve_hyperparameters,
+    resume_state_path,
     train,
 )
 from sirocco.models.loader import inspect_checkpoint, load_tokenizer
@@ -172,6 +173,48 @@ def test_same_seed_gives_the_same_adapter(demo_model_dir, tmp_path):
 
 # ----------------------------------------------------------------------------------------
 # Loss masks
+
+
+class Crash(Exception):
+    """The process dies (in the test: an exception out of the reporter)."""
+
+
+class CrashingReporter(RecordingReporter):
+    def __init__(self, crash_at_checkpoint: int) -> None:
+        super().__init__()
+        self.crash_at = crash_at_checkpoint
+
+    def checkpoint(self, step: int, metrics: dict) -> None:
+        super().checkpoint(step, metrics)
+        if len(self.checkpoints) == self.crash_at:
+            raise Crash(step)
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(demo_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in made_up_pairs(6)])
+
+    def spec(name: str) -> TrainSpec:
+        return TrainSpec(demo_model_dir, [(data, 1.0)], [],
+                         {"training_steps": 20, "learning_rate": 1e-2, "seq_len": 128},
+                         tmp_path / name / "adapter", seed=3)
+
+    whole = train(spec("whole"), RecordingReporter())
+    with pytest.raises(Crash):
+        train(spec("crashed"), CrashingReporter(crash_at_checkpoint=3))  # after step 6
+    assert resume_state_path(spec("crashed")).is_file()
+    reporter = RecordingReporter()
+    resumed = train(spec("crashed"), reporter)
+    assert ("training resumed", {"step": 6, "training_steps": 20}) in reporter.events
+    assert [step for step, _ in reporter.checkpoints] == [8, 10, 12, 14, 16, 18, 20]
+    assert resumed.trained_tokens == whole.trained_tokens
+    assert not resume_state_path(spec("crashed")).parent.exists()  # done: state removed
+    expected = load_file(whole.adapter_dir / "adapter_model.safetensors")
+    got = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
 
 
 def test_only_assistant_tokens_are_trained(tokenizer):

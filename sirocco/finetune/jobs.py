@@ -36,6 +36,8 @@ CANCELLATION_REQUESTED, CANCELLED = "CANCELLATION_REQUESTED", "CANCELLED"
 ACTIVE = (QUEUED, VALIDATING, VALIDATED, RUNNING, CANCELLATION_REQUESTED)
 #: Statuses in which a worker holds the job.
 CLAIMED = (VALIDATING, RUNNING, CANCELLATION_REQUESTED)
+#: Restarts a training job survives (resuming each time) before it is FAILED.
+MAX_INTERRUPTIONS = 3
 
 class JobConflict(Exception):
     """The job is not in a status that allows what was asked; the message says why."""
@@ -288,8 +290,10 @@ class JobQueue:
 
     def recover(self, is_dead: Any) -> list[str]:
         """After a restart: jobs whose worker is gone (`is_dead(claimed_by, heartbeat_at)`)
-        are settled. Validation is redone (QUEUED); training cannot resume, so a RUNNING job
-        is FAILED with an event that says why; a cancellation in flight completes."""
+        are settled. Validation is redone (QUEUED). A RUNNING job goes back to the queue,
+        already validated, and its training resumes from its last checkpoint; after
+        MAX_INTERRUPTIONS it is FAILED instead (something keeps killing the process). A
+        cancellation in flight completes."""
         settled = []
         with self.db.session() as s:
             jobs = list(s.scalars(select(JobRecord).where(JobRecord.status.in_(CLAIMED))))
@@ -300,11 +304,22 @@ class JobQueue:
                     self._move(s, job.id, [VALIDATING], QUEUED, claimed_by=None,
                                event_data={"reason": "validation restarted after a restart"})
                 elif job.status == RUNNING:
-                    self._event(s, job.id, "job-failed", {
+                    interruptions = 1 + (s.scalar(
+                        select(func.count()).select_from(JobEventRecord).where(
+                            JobEventRecord.job_id == job.id,
+                            JobEventRecord.name == "training-interrupted")) or 0)
+                    self._event(s, job.id, "training-interrupted", {
                         "error": "the server process stopped while this job was training "
-                                 "(crash or shutdown); training cannot be resumed, create the "
-                                 "job again"})
-                    self._move(s, job.id, [RUNNING], FAILED, claimed_by=None)
+                                 "(crash or shutdown)", "interruptions": interruptions})
+                    if interruptions > MAX_INTERRUPTIONS:
+                        self._event(s, job.id, "job-failed", {
+                            "error": f"training was interrupted {interruptions} times"})
+                        self._move(s, job.id, [RUNNING], FAILED, claimed_by=None)
+                    else:
+                        self._move(s, job.id, [RUNNING], QUEUED, claimed_by=None,
+                                   validated=True,
+                                   event_data={"reason": "training resumes from its last "
+                                                         "checkpoint after a restart"})
                 else:
                     self._move(s, job.id, [CANCELLATION_REQUESTED], CANCELLED, claimed_by=None)
                 settled.append(job.id)

@@ -9,7 +9,9 @@ rows of `seq_len` tokens: linear warmup to the peak learning rate, then cosine d
 
 Progress goes to a `Reporter`: events, checkpoints with train_loss / valid_loss /
 valid_mean_token_accuracy, and a `should_stop()` polled at every step, so a cancelled job
-stops within one step.
+stops within one step. At each checkpoint the run also saves what it needs to resume
+(`resume_state_path`): a run started again on the same spec after a crash goes on from
+its last checkpoint and ends with the adapter an uninterrupted run would have given.
 """
 
 from __future__ import annotations
@@ -297,6 +299,41 @@ def estimate(spec: TrainSpec) -> dict:
     }
 
 
+def resume_state_path(spec: TrainSpec) -> Path:
+    """Where a run keeps what it needs to resume after its last checkpoint: beside the
+    adapter's directory (the job's directory, for the job worker)."""
+    return Path(spec.output_dir).with_name("resume") / "state.pt"
+
+
+def _plan(schedule: Schedule) -> list:
+    return [schedule.steps, schedule.batch_size, schedule.seq_len, schedule.learning_rate]
+
+
+def _save_resume_state(path: Path, schedule: Schedule, step: int, model: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer, lr_schedule: Any, trained_tokens: int,
+                       metrics: dict) -> None:
+    """The LoRA weights, optimizer, learning-rate schedule and random state after `step`,
+    written atomically (a crash mid-write leaves the previous state)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "plan": _plan(schedule), "step": step, "trained_tokens": trained_tokens,
+        "metrics": dict(metrics), "rng": torch.get_rng_state(),
+        "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+    }
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _load_resume_state(path: Path, schedule: Schedule) -> dict | None:
+    """The saved state of an interrupted run of this same plan, or None."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True)
+    return state if state.get("plan") == _plan(schedule) else None
+
+
 def train(spec: TrainSpec, reporter: Reporter) -> TrainResult:
     """Train a LoRA adapter on `spec`'s data; raises TrainingCancelled if asked to stop."""
     started = time.monotonic()
@@ -342,9 +379,23 @@ def _train_prepared(spec: TrainSpec, data: PreparedData, reporter: Reporter, che
     metrics: dict[str, float | None] = {
         "train_loss": None, "valid_loss": None, "valid_mean_token_accuracy": None}
     trained_tokens = 0
+    state_path = resume_state_path(spec)
+    done_steps = 0
+    saved = _load_resume_state(state_path, schedule)
+    if saved is not None:  # a run interrupted after a checkpoint: go on from there
+        model.load_state_dict(saved["trainable"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        lr_schedule.load_state_dict(saved["lr_schedule"])
+        torch.set_rng_state(saved["rng"])
+        done_steps, trained_tokens, metrics = (saved["step"], saved["trained_tokens"],
+                                               saved["metrics"])
+        for _ in range(done_steps * schedule.batch_size):  # the rows already trained on
+            next(stream)
+        reporter.event("training resumed", {"step": done_steps,
+                                            "training_steps": schedule.steps})
     last_progress = time.monotonic()
     loop_started = time.monotonic()
-    for step in range(1, schedule.steps + 1):
+    for step in range(done_steps + 1, schedule.steps + 1):
         check_stop()
         batch = row_tensors([next(stream) for _ in range(schedule.batch_size)])
         losses, _, _ = token_losses(model, batch)
@@ -369,6 +420,9 @@ def _train_prepared(spec: TrainSpec, data: PreparedData, reporter: Reporter, che
                 "valid_mean_token_accuracy": accuracy,
             }
             window_losses = []
+            if step < schedule.steps:
+                _save_resume_state(state_path, schedule, step, model, optimizer, lr_schedule,
+                                   trained_tokens, metrics)
             reporter.checkpoint(step, dict(metrics))
         if now - last_progress >= PROGRESS_EVERY_S or step == schedule.steps:
             elapsed = now - loop_started
@@ -378,12 +432,14 @@ def _train_prepared(spec: TrainSpec, data: PreparedData, reporter: Reporter, che
                 "train_loss": loss.item(),
                 "learning_rate": lr_schedule.get_last_lr()[0],
                 "elapsed_seconds": round(elapsed, 1),
-                "remaining_seconds": round(elapsed / step * (schedule.steps - step), 1),
+                "remaining_seconds": round(elapsed / (step - done_steps)
+                                       * (schedule.steps - step), 1),
             })
             last_progress = now
 
     check_stop()
     adapter_dir = save_adapter(model, Path(spec.output_dir))
+    shutil.rmtree(state_path.parent, ignore_errors=True)
     reporter.event("training finished", {
         "training_steps": schedule.steps,
         "trained_tokens": trained_tokens,

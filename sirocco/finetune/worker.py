@@ -33,6 +33,7 @@ from sirocco.finetune.jobs import (
     CANCELLED,
     FAILED,
     FAILED_VALIDATION,
+    QUEUED,
     RUNNING,
     VALIDATED,
     VALIDATING,
@@ -421,17 +422,20 @@ class JobWorker:
         if kind == "result":
             _, adapter_dir, steps, metrics, trained_tokens = outcome
             self._succeed(job, base, Path(adapter_dir), trained_tokens)
-        elif kind == "cancelled" or self.jobs.status(job.id) == CANCELLATION_REQUESTED:
-            if not self._finish_cancel(job.id):
-                self.jobs.add_event(job.id, "job-failed", {
-                    "error": "the server was shut down while this job was training"})
-                self.jobs.transition(job.id, [RUNNING], FAILED, claimed_by=None)
-            shutil.rmtree(job_dir / "adapter", ignore_errors=True)
-        else:
-            message = outcome[1]
-            self.jobs.add_event(job.id, "job-failed", {"error": message})
+            return
+        if self.jobs.status(job.id) != CANCELLATION_REQUESTED and kind == "cancelled":
+            # The server is stopping: the job waits in the queue and its training resumes
+            # from its last checkpoint at the next start.
+            self.jobs.transition(job.id, [RUNNING], QUEUED, claimed_by=None, event_data={
+                "reason": "the server stopped; training resumes from its last checkpoint "
+                          "at the next start"})
+            return
+        if not self._finish_cancel(job.id):
+            self.jobs.add_event(job.id, "job-failed", {"error": outcome[1]})
             self.jobs.transition(job.id, [RUNNING], FAILED, claimed_by=None)
             self._finish_cancel(job.id)
+        shutil.rmtree(job_dir / "adapter", ignore_errors=True)
+        shutil.rmtree(job_dir / "resume", ignore_errors=True)
 
     def _run_trainer(self, job_id: str, spec: dict[str, Any]) -> tuple:
         context = multiprocessing.get_context("spawn")
