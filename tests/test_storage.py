@@ -257,6 +257,37 @@ def test_everything_survives_a_crash_and_restart(demo_model_dir: Path, tmp_path:
     assert model_id not in models and len(models) == 1
 
 
+def test_a_job_training_at_shutdown_waits_in_the_queue(demo_model_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """Ctrl-C while a job trains: the server exits cleanly, the job is QUEUED (not
+    FAILED), and the next start trains it again (from its last checkpoint)."""
+    data_dir = tmp_path / "data"
+    server = start_platform_server(demo_model_dir, data_dir)
+    try:
+        with client(server) as api:
+            file_id = upload(api, chat_jsonl(4, "stop"), "stop.jsonl")["id"]
+            job_id = api.post("/v1/fine_tuning/jobs", json={
+                "model": "mistral-tiny", "training_files": [{"file_id": file_id}],
+                "auto_start": True, "hyperparameters": {"training_steps": 5000}}).json()["id"]
+            wait_for(lambda: api.get(f"/v1/fine_tuning/jobs/{job_id}").json()["checkpoints"])
+    finally:
+        assert server.stop() == 0
+    server = start_platform_server(demo_model_dir, data_dir)
+    try:
+        with client(server) as api:
+            job = api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+            assert "training-interrupted" not in [e["name"] for e in job["events"]]
+            queued = [e["data"] for e in job["events"] if e["name"] == "status-updated"
+                      and e["data"]["status"] == "QUEUED" and "reason" in e["data"]]
+            assert "the server stopped" in queued[0]["reason"]
+            wait_for(lambda: api.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"]
+                     == "RUNNING")
+            api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+            wait_for(lambda: api.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"]
+                     == "CANCELLED")
+    finally:
+        server.stop()
+
 
 @pytest.fixture()
 def postgres_url() -> Iterator[str]:
