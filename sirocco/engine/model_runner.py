@@ -141,7 +141,8 @@ class ModelRunner:
         groups: list[list[tuple[Sequence, int]]] = []
         last_kind = None
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            kind = 1 if n == 1 else -n if seq.num_computed_tokens == 0 else None
+            kind = ("decode" if n == 1 else ("first chunk", n) if seq.num_computed_tokens == 0
+                    else None)
             if kind is not None and kind == last_kind:
                 groups[-1].append((seq, n))
             else:

@@ -39,6 +39,7 @@ CLAIMED = (VALIDATING, RUNNING, CANCELLATION_REQUESTED)
 #: Restarts a training job survives (resuming each time) before it is FAILED.
 MAX_INTERRUPTIONS = 3
 
+
 class JobConflict(Exception):
     """The job is not in a status that allows what was asked; the message says why."""
 

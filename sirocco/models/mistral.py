@@ -306,12 +306,10 @@ class MistralModel(nn.Module):
         serving where `can_pack` says so. The plain weights are released, except a tied
         output head's: the embedding lookup still reads it, so that head costs a second
         copy of the embedding matrix."""
-        for layer in self.layers:
-            for owner, name in ((layer.attention, "wqkv"), (layer.attention, "wo"),
-                                (layer.feed_forward, "w_gate_up"),
-                                (layer.feed_forward, "w_down")):
-                setattr(owner, name, PackedLinear(getattr(owner, name).weight))
-        self.lm_head = PackedLinear(self.lm_head.weight)
+        for owner in list(self.modules()):
+            for name, child in owner.named_children():
+                if isinstance(child, Linear):
+                    setattr(owner, name, PackedLinear(child.weight))
 
     def forward_padded(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Hidden states [B, L, hidden] of right-padded prompts [B, L], without a KV cache.
