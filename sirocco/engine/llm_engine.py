@@ -71,6 +71,9 @@ class LLMEngine:
                             (self.cache_tokens, "the whole KV cache")):
             if n + (params.max_tokens or 1) > limit:
                 raise RequestTooLong(n, params.max_tokens, limit, what)
+            # min_tokens bans the stop ids until then: beyond the limit it could only run away.
+            if params.min_tokens and n + params.min_tokens > limit:
+                raise RequestTooLong(n, params.min_tokens, limit, what, field="min_tokens")
 
     def add_adapter(self, name: str, weights: AdapterWeights) -> None:
         """Make a LoRA adapter (already fused for this model) available to requests."""
