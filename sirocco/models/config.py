@@ -30,6 +30,15 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     architecture: str = "mistral"
 
+    @property
+    def num_parameters(self) -> int:
+        """Weights of the decoder (embeddings, attention, MLP, norms, output head)."""
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        q = self.num_attention_heads * self.head_dim
+        layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_hidden_layers * layer + h + head
+
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face `config.json` of a Mistral or Llama model."""

@@ -60,9 +60,9 @@ def load_generative_model(
 ) -> ServedModel:
     """Load a decoder checkpoint (tokenizer, weights, engine) and describe it."""
     device = pick_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
     path = resolve_model_path(str(spec), settings.data_dir)
     ckpt = inspect_checkpoint(path)
+    dtype = resolve_dtype(settings.dtype, device, ckpt.config.num_parameters)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer.vocab_size > ckpt.config.vocab_size:
         raise ModelLoadError(

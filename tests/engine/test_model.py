@@ -112,3 +112,17 @@ def test_the_engine_packs_bfloat16_weights_on_cpu_only_where_it_can(tiny):
                            EngineConfig(dtype=dtype, kv_cache_memory=2**20))
         head = engine.runner.model.lm_head
         assert isinstance(head, PackedLinear) == (dtype == "bfloat16" and BF16_PACKS)
+
+
+def test_auto_dtype_keeps_small_models_in_float32_on_cpu() -> None:
+    from sirocco.engine.config import SMALL_MODEL_PARAMETERS, resolve_dtype
+    from sirocco.models.config import ModelConfig
+
+    smollm2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                          head_dim=64, tie_word_embeddings=True)
+    assert 134e6 < smollm2.num_parameters < 135e6  # SmolLM2-135M's published size
+    assert resolve_dtype("auto", "cpu", smollm2.num_parameters) == torch.float32
+    assert resolve_dtype("bfloat16", "cpu", smollm2.num_parameters) == torch.bfloat16
+    big = resolve_dtype("auto", "cpu", 7 * SMALL_MODEL_PARAMETERS)
+    assert big == resolve_dtype("auto", "cpu")  # large models keep the hardware's choice
