@@ -63,8 +63,10 @@ async def delete_model(
             "only fine-tuned models can",
             param="model_id",
         )
-    registry.remove(served.id)
-    served.engine.remove_adapter(served.id)
+    registry.remove(served.id)  # new requests are refused from now on
+    # Applied by the engine's loop between two steps; requests running on the adapter
+    # finish on it and it is unloaded after them.
+    await run_in_threadpool(served.engine.remove_adapter, served.id)
     on_deleted = request.app.state.sirocco.extras.get("on_model_deleted")
     if on_deleted is not None:  # the platform drops its database row and adapter
         await run_in_threadpool(on_deleted, served.id)

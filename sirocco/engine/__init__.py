@@ -10,7 +10,15 @@ from torch import Tensor
 
 from sirocco.engine.async_engine import AsyncEngine, EngineDeadError
 from sirocco.engine.config import EngineConfig, resolve_dtype
-from sirocco.engine.errors import DuplicateRequestId, EngineError, RequestTooLong
+from sirocco.engine.errors import (
+    DuplicateRequestId,
+    EngineError,
+    EngineOverloaded,
+    RequestFailed,
+    RequestTimedOut,
+    RequestTooLong,
+    UnknownAdapter,
+)
 from sirocco.engine.llm_engine import EngineStats, LLMEngine
 from sirocco.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from sirocco.engine.sampling_params import SamplingParams
@@ -18,14 +26,18 @@ from sirocco.models.config import ModelConfig
 
 __all__ = [
     "AsyncEngine", "CompletionOutput", "DuplicateRequestId", "EngineConfig", "EngineDeadError",
-    "EngineError", "EngineStats", "LLMEngine", "RequestOutput", "RequestTooLong",
-    "SamplingParams", "TokenLogprob", "build_engine", "resolve_dtype",
+    "EngineError", "EngineOverloaded", "EngineStats", "LLMEngine", "RequestFailed",
+    "RequestOutput", "RequestTimedOut", "RequestTooLong", "SamplingParams", "TokenLogprob",
+    "UnknownAdapter", "build_engine", "resolve_dtype",
 ]
 
 
 def build_engine(model_config: ModelConfig, state_dict: dict[str, Tensor],
-                 engine_config: EngineConfig) -> AsyncEngine:
-    """Load the weights onto the device, size the KV cache, start the step loop."""
-    engine = AsyncEngine(LLMEngine(model_config, state_dict, engine_config))
+                 engine_config: EngineConfig, max_waiting: int | None = None,
+                 request_timeout: float | None = None) -> AsyncEngine:
+    """Load the weights onto the device, size the KV cache, start the step loop.
+    `max_waiting` and `request_timeout`: see `AsyncEngine`."""
+    engine = AsyncEngine(LLMEngine(model_config, state_dict, engine_config),
+                         max_waiting=max_waiting, request_timeout=request_timeout)
     engine.start()
     return engine

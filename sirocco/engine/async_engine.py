@@ -3,19 +3,35 @@
 The step loop runs in one background thread, so the server's asyncio loop never waits
 for the model. Requests and aborts are handed to the thread through a locked inbox and
 applied between steps; each step's outputs go back to the waiting coroutines with
-`loop.call_soon_threadsafe`.
+`loop.call_soon_threadsafe`. Adding and removing LoRA adapters also runs in the loop
+thread between steps, so a step never sees the adapter table change under it.
+
+Admission is bounded: at most `max_num_seqs + max_waiting` engine requests are in
+flight; past that `generate` raises `EngineOverloaded` (the server's 429). With a
+`request_timeout`, a request still unfinished that many seconds after it was submitted
+is aborted between steps (its blocks freed) and its stream raises `RequestTimedOut`.
+A step that fails for one request fails that request's stream with `RequestFailed`; the
+loop goes on. Only an unrecoverable error (a lost device) stops the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
-from sirocco.engine.errors import DuplicateRequestId
+from sirocco.engine.errors import (
+    DuplicateRequestId,
+    EngineOverloaded,
+    RequestFailed,
+    RequestTimedOut,
+    UnknownAdapter,
+)
 from sirocco.engine.llm_engine import EngineStats, LLMEngine
 from sirocco.engine.outputs import RequestOutput
 from sirocco.engine.sampling_params import SamplingParams
@@ -31,12 +47,26 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     """Runs an `LLMEngine` in a background thread and streams its outputs to coroutines."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None,
+                 request_timeout: float | None = None) -> None:
         self.engine = engine
+        # Requests beyond the running batch that may wait; the default is twice the batch
+        # the engine can hold (--max-num-seqs, and at least one KV block per sequence).
+        batch = min(engine.config.max_num_seqs, engine.runner.num_blocks)
+        self.max_waiting = 2 * batch if max_waiting is None else max_waiting
+        self.max_in_flight = engine.config.max_num_seqs + self.max_waiting
+        self.request_timeout = request_timeout or None  # seconds; None or 0: no deadline
+        self.rejected_requests = 0  # refused with EngineOverloaded
+        self.timed_out_requests = 0
+        self.failed_requests = 0  # ended by a step that raised for them
+        self._in_flight = 0
+        self._mean_duration = 1.0  # seconds a request takes, moving average (Retry-After)
+        self._deadlines: dict[str, float] = {}  # loop thread only
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._adds: list[tuple[str, list[int], SamplingParams, float, str | None]] = []
         self._aborts: list[str] = []
+        self._commands: list[_Command] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -76,22 +106,26 @@ class AsyncEngine:
         last with `finished`. `adapter` names a LoRA adapter added with `add_adapter`
         (None: the base model). The first `__anext__` raises RequestTooLong / ValueError for
         a request that can never run (call `validate` first to answer 4xx before
-        streaming), EngineDeadError if a step failed earlier. Leaving the iteration early
-        aborts the request."""
+        streaming), UnknownAdapter, EngineOverloaded when admission is full,
+        EngineDeadError if the loop has stopped. Later ones may raise RequestFailed or
+        RequestTimedOut. Leaving the iteration early aborts the request."""
         if self._dead is not None:
             raise self._dead
         self.engine.validate(prompt_token_ids, params)
         if adapter is not None and adapter not in self.engine.adapters:
-            raise ValueError(f"unknown adapter {adapter!r}")
+            raise UnknownAdapter(f"adapter {adapter!r} is not loaded")
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if self._dead is not None:  # (checked again: the loop may have died meanwhile)
                 raise self._dead
             if request_id in self._streams:
                 raise DuplicateRequestId(f"request id {request_id!r} is already running")
+            self._admit(1)
+            self._in_flight += 1
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
             self._adds.append((request_id, list(prompt_token_ids), params, time.monotonic(),
                                adapter))
+        started = time.monotonic()
         self.start()
         self._wakeup.set()
         finished = False
@@ -107,6 +141,28 @@ class AsyncEngine:
                 self.abort(request_id)
             with self._lock:
                 self._streams.pop(request_id, None)
+                self._in_flight -= 1
+                if finished:
+                    self._mean_duration += 0.1 * (time.monotonic() - started
+                                                  - self._mean_duration)
+
+    def check_admission(self, count: int = 1) -> None:
+        """Raise EngineOverloaded now if `count` more requests would not be admitted."""
+        with self._lock:
+            self._admit(count)
+
+    def _admit(self, count: int) -> None:  # (with the lock held)
+        if self._in_flight + count > self.max_in_flight:
+            self.rejected_requests += 1
+            waiting = self._in_flight - self.engine.config.max_num_seqs
+            raise EngineOverloaded(
+                f"the server is at capacity ({self.engine.config.max_num_seqs} running and "
+                f"{max(waiting, 0)} waiting requests, --max-waiting {self.max_waiting}); "
+                "retry later", retry_after=self.retry_after())
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about one request's duration, 1 to 60."""
+        return max(1, min(60, math.ceil(self._mean_duration)))
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestTooLong / ValueError now for a request that could never run."""
@@ -114,15 +170,34 @@ class AsyncEngine:
 
     def add_adapter(self, name: str, path: Path) -> None:
         """Load a PEFT LoRA adapter from `path` and serve it as `name` (LoRAError if it
-        does not fit this model). The base weights are shared, never copied."""
+        does not fit this model). The base weights are shared, never copied. Blocks until
+        the loop thread has installed it between two steps (call it off the event loop)."""
         runner = self.engine.runner
         weights = load_peft_adapter(path, runner.model_config, runner.dtype, runner.device)
-        with self._lock:  # the loop thread reads the adapter tables between steps
-            self.engine.add_adapter(name, weights)
+        self._call_in_loop(lambda: self.engine.add_adapter(name, weights))
 
     def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter: new requests are refused at once; requests running on
+        it finish on it, and its weights are unloaded after them. Blocks until the loop
+        thread has applied it (call it off the event loop)."""
+        self._call_in_loop(lambda: self.engine.remove_adapter(name))
+
+    def _call_in_loop(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` in the loop thread between steps (directly when no loop runs)."""
+        command = _Command(fn)
         with self._lock:
-            self.engine.remove_adapter(name)
+            if not self.is_running or threading.current_thread() is self._thread:
+                return fn()
+            self._commands.append(command)
+        self._wakeup.set()
+        while not command.done.wait(0.1):
+            with self._lock:  # the loop stopped before taking it: run it here
+                if not self.is_running and command in self._commands:
+                    self._commands.remove(command)
+                    return fn()
+        if command.error is not None:
+            raise command.error
+        return command.result
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its blocks are freed before the next step. Its stream (if
@@ -152,16 +227,23 @@ class AsyncEngine:
                 with self._lock:
                     adds, self._adds = self._adds, []
                     aborts, self._aborts = self._aborts, []
+                    commands, self._commands = self._commands, []
                     self._wakeup.clear()
                 for request_id, prompt, params, arrival, adapter in adds:
                     try:
                         engine.add_request(request_id, prompt, params, arrival, adapter)
-                    except Exception as exc:  # validated already; anything else is ours
+                    except Exception as exc:  # validated already: an adapter removed since
                         self._deliver(request_id, exc)
+                        continue
+                    if self.request_timeout:
+                        self._deadlines[request_id] = arrival + self.request_timeout
                 for request_id in aborts:
                     out = engine.abort(request_id)
                     if out is not None:
                         self._deliver(request_id, out)
+                for command in commands:
+                    command.run()
+                self._expire()
                 if not engine.has_unfinished_requests():
                     self._publish_stats()
                     self._wakeup.wait()
@@ -169,13 +251,32 @@ class AsyncEngine:
                 outputs = engine.step()
                 self._publish_stats()
                 for out in outputs:
-                    self._deliver(out.request_id, out)
+                    if out.error is not None:
+                        self.failed_requests += 1
+                        self._deliver(out.request_id, RequestFailed(
+                            f"the engine could not run this request ({out.error})"))
+                    else:
+                        self._deliver(out.request_id, out)
         except Exception as exc:
             logger.exception("engine step failed")
             self._dead = EngineDeadError(f"the engine stopped: {exc!r}")
             self._fail_all(self._dead)
             return
         self._fail_all(EngineDeadError("the engine was shut down"))
+
+    def _expire(self) -> None:
+        """Abort the requests past their deadline; forget those that finished."""
+        if not self._deadlines:
+            return
+        now = time.monotonic()
+        for request_id, deadline in list(self._deadlines.items()):
+            if request_id not in self.engine.requests:
+                del self._deadlines[request_id]
+            elif now >= deadline:
+                del self._deadlines[request_id]
+                self.engine.abort(request_id)
+                self.timed_out_requests += 1
+                self._deliver(request_id, RequestTimedOut(self.request_timeout or 0))
 
     def _publish_stats(self) -> None:
         ttft, itl = self.engine.pop_latencies()
@@ -203,5 +304,26 @@ class AsyncEngine:
         self._stats = self.engine.stats()
         with self._lock:
             streams = list(self._streams)
+            commands, self._commands = self._commands, []
+        for command in commands:  # (nobody else will run them now)
+            command.run()
         for request_id in streams:
             self._deliver(request_id, exc)
+
+
+class _Command:
+    """A call handed to the loop thread, and its outcome."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # handed back to the caller
+            self.error = exc
+        finally:
+            self.done.set()

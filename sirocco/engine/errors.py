@@ -27,3 +27,29 @@ class RequestTooLong(EngineError):
 
 class DuplicateRequestId(EngineError):
     """A request id that is already running was submitted again."""
+
+
+class UnknownAdapter(EngineError):
+    """The LoRA adapter a request names is not loaded (its model was deleted meanwhile)."""
+
+
+class EngineOverloaded(EngineError):
+    """Admission is full: running and waiting requests are at their bounds (answer 429)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestFailed(Exception):
+    """The engine could not run this request (a step raised for it); others go on.
+    Not an `EngineError`: it is the server's failure, not the client's."""
+
+
+class RequestTimedOut(RequestFailed):
+    """The request ran past its deadline (`--request-timeout`); its blocks were freed."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the request did not finish within the server's request timeout "
+                         f"of {timeout:g} s")
+        self.timeout = timeout

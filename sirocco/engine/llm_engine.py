@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -11,14 +12,16 @@ from torch import Tensor
 
 from sirocco.engine.block_manager import BlockManager
 from sirocco.engine.config import EngineConfig
-from sirocco.engine.errors import DuplicateRequestId, RequestTooLong
+from sirocco.engine.errors import DuplicateRequestId, RequestTooLong, UnknownAdapter
 from sirocco.engine.model_runner import ModelRunner
-from sirocco.engine.outputs import CompletionOutput, FinishReason, RequestOutput
+from sirocco.engine.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
 from sirocco.engine.sampling_params import SamplingParams
-from sirocco.engine.scheduler import Scheduler
+from sirocco.engine.scheduler import ScheduledBatch, Scheduler
 from sirocco.engine.sequence import Sequence
 from sirocco.models.config import ModelConfig
 from sirocco.models.lora import AdapterWeights
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -38,7 +41,14 @@ class EngineStats:
 
 class LLMEngine:
     """Continuous batching on one device. Not thread-safe: `AsyncEngine` drives it from
-    its own thread; tests and benchmarks call `step` directly."""
+    its own thread (adapters are added and removed there too, between steps); tests and
+    benchmarks call `step` directly.
+
+    A step that raises does not stop the engine: the batch is split in halves and each
+    half runs again, down to single sequences, so the requests whose sequences still fail
+    alone end with an `error` (see `RequestOutput.error`) and every other one advances.
+    Only a device error (CUDA context lost) is raised to the caller.
+    """
 
     def __init__(self, model_config: ModelConfig, state_dict: dict[str, Tensor],
                  config: EngineConfig) -> None:
@@ -49,6 +59,11 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.adapters: dict[str, int] = {}  # LoRA adapter name -> slot in the runner
+        # Slots of removed adapters that running sequences still use: unloaded when the
+        # last of them finishes.
+        self.retired_slots: set[int] = set()
+        self._adapter_loads = 0  # makes each load's prefix-cache seed unique
+        self._adapter_keys: dict[str, str] = {}
         self.cache_tokens = self.runner.num_blocks * config.block_size
         self.max_model_len = self.runner.max_model_len
         self.requests: dict[str, list[Sequence]] = {}
@@ -76,34 +91,50 @@ class LLMEngine:
                 raise RequestTooLong(n, params.min_tokens, limit, what, field="min_tokens")
 
     def add_adapter(self, name: str, weights: AdapterWeights) -> None:
-        """Make a LoRA adapter (already fused for this model) available to requests."""
-        slots = self.runner.lora.adapters
+        """Make a LoRA adapter (already fused for this model) available to requests. A new
+        version of a loaded name gets a slot of its own: sequences running on the old
+        weights finish on them."""
         if name in self.adapters:
-            slots[self.adapters[name]] = weights
-            return
+            self.remove_adapter(name)
+        slots = self.runner.lora.adapters
         slot = next(i for i in range(1, len(slots) + 2) if i not in slots)
         slots[slot] = weights
         self.adapters[name] = slot
+        self._adapter_loads += 1
+        self._adapter_keys[name] = f"{name}#{self._adapter_loads}"
 
     def remove_adapter(self, name: str) -> None:
-        """Forget an adapter; requests still running with it finish on the base weights."""
+        """Forget an adapter: new requests cannot name it; requests running with it
+        finish on its weights, which are unloaded after the last of them."""
         slot = self.adapters.pop(name, None)
+        self._adapter_keys.pop(name, None)
         if slot is not None:
+            self.retired_slots.add(slot)
+            self._release_retired_slots()
+
+    def _release_retired_slots(self) -> None:
+        if not self.retired_slots:
+            return
+        in_use = {s.lora_slot for seqs in self.requests.values() for s in seqs
+                  if not s.is_finished}
+        for slot in self.retired_slots - in_use:
             self.runner.lora.adapters.pop(slot, None)
+            self.retired_slots.discard(slot)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float | None = None,
                     adapter: str | None = None) -> None:
         self.validate(prompt_token_ids, params)
         if adapter is not None and adapter not in self.adapters:
-            raise ValueError(f"unknown adapter {adapter!r}")
+            raise UnknownAdapter(f"adapter {adapter!r} is not loaded")
         if request_id in self.requests:
             raise DuplicateRequestId(f"request id {request_id!r} is already running")
         seqs = [Sequence(request_id, prompt_token_ids, params, i, arrival_time)
                 for i in range(params.n)]
         for seq in seqs:
             if adapter is not None:
-                seq.adapter, seq.lora_slot = adapter, self.adapters[adapter]
+                seq.adapter = self._adapter_keys[adapter]
+                seq.lora_slot = self.adapters[adapter]
             if params.seed is not None:
                 seq.generator = torch.Generator(self.runner.device)
                 seq.generator.manual_seed(params.seed + seq.index)
@@ -122,7 +153,9 @@ class LLMEngine:
                 self.scheduler.finish(seq)  # (also ends choices not yet forked)
         for seq in seqs:
             seq.finish_reason = seq.finish_reason or "abort"
-        return self._output(request_id, seqs, seqs)
+        out = self._output(request_id, seqs, seqs)
+        self._release_retired_slots()
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -130,33 +163,76 @@ class LLMEngine:
     # -- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample; return what changed for each request."""
+        """Schedule, run the model once, sample; return what changed for each request.
+        A request the step failed for is in the list, finished, with its `error`."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        tokens, logprobs = self.runner.execute(batch, self.config.eos_token_ids)
-        now = time.monotonic()
         changed: dict[str, list[Sequence]] = {}
+        failures: dict[str, BaseException] = {}
+        self._run_isolating(batch, changed, failures)
+        outputs = [self._output(rid, self.requests[rid], seqs) for rid, seqs in changed.items()
+                   if rid not in failures and rid in self.requests]
+        for rid, exc in failures.items():
+            out = self.abort(rid)
+            if out is not None:
+                out.error = f"{type(exc).__name__}: {exc}"
+                outputs.append(out)
+        self._release_retired_slots()
+        return outputs
+
+    def _run_isolating(self, batch: ScheduledBatch, changed: dict[str, list[Sequence]],
+                       failures: dict[str, BaseException]) -> None:
+        """Run `batch`; if it raises, run each half again (halves of halves, down to one
+        sequence): what fails alone is recorded in `failures` by request."""
+        try:
+            tokens, logprobs = self.runner.execute(batch, self.config.eos_token_ids)
+        except Exception as exc:
+            if _is_device_lost(exc):
+                raise
+            if len(batch.seqs) == 1:
+                seq = batch.seqs[0]
+                logger.error("request %s failed in the engine (the other requests go on)",
+                             seq.request_id, exc_info=exc)
+                failures.setdefault(seq.request_id, exc)
+                return
+            logger.warning("a step of %d sequences raised %r; running its halves apart to "
+                           "find the request that causes it", len(batch.seqs), exc)
+            for part in _halves(batch):
+                self._run_isolating(part, changed, failures)
+            return
+        now = time.monotonic()
         sampled = iter(zip(tokens, logprobs, strict=True))
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
-            if seq.num_computed_tokens < len(seq):
-                continue  # a prefill chunk that did not reach the end of the prompt
-            token, logprob = next(sampled)
-            seq.append_token(token, logprob)
-            self.generated_tokens += 1
-            if seq.last_token_time is None:
-                self.ttft.append(now - seq.arrival_time)
-            else:
-                self.itl.append(now - seq.last_token_time)
-            seq.last_token_time = now
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                seq.finish_reason = reason
-                self.scheduler.finish(seq)
-            changed.setdefault(seq.request_id, []).append(seq)
-        return [self._output(rid, self.requests[rid], seqs) for rid, seqs in changed.items()]
+            result = next(sampled) if seq.num_computed_tokens + n == len(seq) else None
+            try:
+                self._advance(seq, n, result, now)
+            except Exception as exc:
+                logger.error("request %s failed after its step", seq.request_id, exc_info=exc)
+                failures.setdefault(seq.request_id, exc)
+                continue
+            if result is not None:
+                changed.setdefault(seq.request_id, []).append(seq)
+
+    def _advance(self, seq: Sequence, n: int, result: tuple[int, TokenLogprob | None] | None,
+                 now: float) -> None:
+        """Account for `n` computed tokens of `seq` and, at its end, the sampled token."""
+        seq.num_computed_tokens += n
+        self.block_manager.register_full_blocks(seq)
+        if result is None:
+            return  # a prefill chunk that did not reach the end of the prompt
+        token, logprob = result
+        seq.append_token(token, logprob)
+        self.generated_tokens += 1
+        if seq.last_token_time is None:
+            self.ttft.append(now - seq.arrival_time)
+        else:
+            self.itl.append(now - seq.last_token_time)
+        seq.last_token_time = now
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
                  ) -> list[list[list[int]]]:
@@ -226,3 +302,25 @@ class LLMEngine:
         parent = seqs[0]
         return RequestOutput(request_id, parent.num_prompt_tokens, parent.num_cached_tokens,
                              outputs, finished)
+
+
+def _halves(batch: ScheduledBatch) -> list[ScheduledBatch]:
+    """The batch cut in two, each half with the block copies its sequences need."""
+    mid = len(batch.seqs) // 2
+    parts = []
+    for lo, hi in ((0, mid), (mid, len(batch.seqs))):
+        seqs = batch.seqs[lo:hi]
+        blocks = {b for s in seqs for b in s.block_table}
+        parts.append(ScheduledBatch(
+            seqs=seqs, num_new_tokens=batch.num_new_tokens[lo:hi],
+            block_copies=[(src, dst) for src, dst in batch.block_copies if dst in blocks]))
+    return parts
+
+
+def _is_device_lost(exc: BaseException) -> bool:
+    """A CUDA error other than out-of-memory leaves the device unusable for everyone."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    text = str(exc)
+    return type(exc).__name__ == "AcceleratorError" or "CUDA error" in text \
+        or "device-side assert" in text

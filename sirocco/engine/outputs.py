@@ -43,3 +43,6 @@ class RequestOutput:
     num_cached_tokens: int
     outputs: list[CompletionOutput]
     finished: bool  # every choice of the request has finished
+    # Set when a step failed for this request: it ended (finished, reason "abort") and
+    # this says why; the other requests of the batch went on.
+    error: str | None = None
