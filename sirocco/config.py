@@ -34,6 +34,9 @@ class Settings:
     max_n: int = 16
     max_upload_size: int = 512 * 1024 * 1024
     database_url: str | None = None
+    max_waiting: int | None = None
+    request_timeout: float | None = None
+    max_embedding_tokens: int = 131072
 
     @property
     def auth_enabled(self) -> bool:
@@ -153,6 +156,31 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
             metavar="URL",
             help="SQLAlchemy URL of the metadata database (default: SQLite in the data dir)",
         ),
+    ),
+    (
+        "--max-waiting",
+        "max_waiting",
+        dict(
+            type=int,
+            metavar="N",
+            help="requests per model that may wait beyond the --max-num-seqs running ones; "
+            "past it a 429 with Retry-After (default: twice the batch the KV cache holds)",
+        ),
+    ),
+    (
+        "--request-timeout",
+        "request_timeout",
+        dict(
+            type=float,
+            metavar="SECONDS",
+            help="a generation still running this long after it arrived ends with an error "
+            "(504, or a stream's finish_reason error) and frees its KV (default: off)",
+        ),
+    ),
+    (
+        "--max-embedding-tokens",
+        "max_embedding_tokens",
+        dict(type=int, metavar="N", help="most tokens of all inputs of one embeddings request"),
     ),
 ]
 

@@ -116,7 +116,8 @@ def _build_engine(
         device=device,
         eos_token_ids=tuple(eos_token_ids),
     )
-    return build_engine(ckpt.config, weights, engine_config)
+    return build_engine(ckpt.config, weights, engine_config, max_waiting=settings.max_waiting,
+                        request_timeout=settings.request_timeout)
 
 
 def load_models(settings: Settings) -> ModelRegistry:
