@@ -176,8 +176,9 @@ async def _sse(
             "created": created,
             "model": model,
             "choices": choices,
-            "usage": usage_body,
         }
+        if usage_body is not None:  # the spec has the key absent, not null, elsewhere
+            body["usage"] = usage_body
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
     def opening(i: int, prompt_logprobs: list[dict] | None = None) -> bytes:
