@@ -25,7 +25,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from sirocco.api.errors import APIError
 from sirocco.api.state import ServerState, get_state
-from sirocco.engine import EngineError
+from sirocco.engine import (
+    EngineDeadError,
+    EngineError,
+    EngineOverloaded,
+    RequestFailed,
+    RequestTimedOut,
+    UnknownAdapter,
+)
 from sirocco.protocol.chat import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -75,18 +82,39 @@ async def _answer(
     served: ServedModel, job: GenerationJob, model: str, stream: bool, usage_mode: str
 ) -> Any:
     usage = Usage()
-    deltas = run_generation(served.engine, served.tokenizer, job, usage)
     try:
+        served.engine.check_admission(len(job.params))
+        deltas = run_generation(served.engine, served.tokenizer, job, usage)
         first = await anext(deltas, None)  # engine errors (too long, ...) surface as a 4xx
-    except EngineError as exc:
-        raise APIError(400, str(exc)) from None
-    if stream:
-        return StreamingResponse(
-            _sse(job, model, first, deltas, usage, usage_mode),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
-    return JSONResponse(await _collect(job, model, first, deltas, usage))
+        if stream:
+            return StreamingResponse(
+                _sse(job, model, first, deltas, usage, usage_mode),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
+        return JSONResponse(await _collect(job, model, first, deltas, usage))
+    except (EngineError, RequestFailed, EngineDeadError) as exc:
+        return _engine_error(exc, model)
+
+
+def _engine_error(exc: Exception, model: str) -> JSONResponse:
+    """An engine failure as the contract's error body (429 with Retry-After when full)."""
+    headers = None
+    if isinstance(exc, EngineOverloaded):
+        error = APIError(429, str(exc), type="rate_limit_error", code="overloaded")
+        headers = {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, UnknownAdapter):
+        error = APIError(400, f"Invalid model: {model}", type="invalid_model", param="model",
+                         code="1500")
+    elif isinstance(exc, RequestTimedOut):
+        error = APIError(504, str(exc), type="timeout_error", code="request_timeout")
+    elif isinstance(exc, RequestFailed):
+        error = APIError(500, str(exc), type="internal_error")
+    elif isinstance(exc, EngineDeadError):
+        error = APIError(503, f"model {model!r} is not available: {exc}", type="internal_error")
+    else:
+        error = APIError(400, str(exc))
+    return JSONResponse(status_code=error.status_code, content=error.body(), headers=headers)
 
 
 async def _collect(
@@ -197,27 +225,39 @@ async def _sse(
             for i in range(n):
                 yield opening(i)
             opened.update(range(n))
-        async for delta in _chain([first] if first else [], deltas):
-            if delta.index not in opened:
-                opened.add(delta.index)
-                yield opening(delta.index, delta.prompt_logprobs)
-            body: dict[str, Any] = {}
-            if delta.content:
-                body["content"] = delta.content
-            if delta.tool_calls:
-                body["tool_calls"] = _wire_calls(delta.tool_calls)
-            choice: dict[str, Any] = {
-                "index": delta.index,
-                "delta": body,
-                "finish_reason": delta.finish_reason,
-            }
-            if job.logprobs and delta.logprobs:
-                choice["logprobs"] = {"content": delta.logprobs}
-            last = False
-            if delta.finish_reason:
+        finished: set[int] = set()
+        try:
+            async for delta in _chain([first] if first else [], deltas):
+                if delta.index not in opened:
+                    opened.add(delta.index)
+                    yield opening(delta.index, delta.prompt_logprobs)
+                body: dict[str, Any] = {}
+                if delta.content:
+                    body["content"] = delta.content
+                if delta.tool_calls:
+                    body["tool_calls"] = _wire_calls(delta.tool_calls)
+                choice: dict[str, Any] = {
+                    "index": delta.index,
+                    "delta": body,
+                    "finish_reason": delta.finish_reason,
+                }
+                if job.logprobs and delta.logprobs:
+                    choice["logprobs"] = {"content": delta.logprobs}
+                last = False
+                if delta.finish_reason:
+                    finished.add(delta.index)
+                    open_choices -= 1
+                    last = open_choices == 0
+                yield chunk([choice], usage.wire() if last and usage_mode == "last" else None)
+        except (RequestFailed, EngineDeadError) as exc:
+            # The contract has no error event: every open choice ends with finish_reason
+            # "error", and an SSE comment (which clients skip) says why.
+            for i in sorted(set(range(n)) - finished):
                 open_choices -= 1
                 last = open_choices == 0
-            yield chunk([choice], usage.wire() if last and usage_mode == "last" else None)
+                yield chunk([{"index": i, "delta": {}, "finish_reason": "error"}],
+                            usage.wire() if last and usage_mode == "last" else None)
+            yield b": error " + json.dumps({"message": str(exc)}).encode() + b"\n\n"
         if usage_mode == "separate":
             yield chunk([], usage.wire())
         yield b"data: [DONE]\n\n"

@@ -50,11 +50,21 @@ class EngineCollector(Collector):
                     for name, doc in gauges.items()}
         families.update({name: CounterMetricFamily(f"sirocco_{name}", doc, labels=["model"])
                          for name, doc in counters.items()})
+        admission = {
+            "rejected_requests": "Requests refused with a 429: admission was full (--max-waiting)",
+            "timed_out_requests": "Requests ended by --request-timeout",
+            "failed_requests": "Requests ended by a step that raised for them",
+        }
+        extra = {name: CounterMetricFamily(f"sirocco_{name}", doc, labels=["model"])
+                 for name, doc in admission.items()}
         for model_id, engine in self._engines():
             stats = engine.stats()
             for name, family in families.items():
                 family.add_metric([model_id], float(getattr(stats, name)))
+            for name, family in extra.items():
+                family.add_metric([model_id], float(getattr(engine, name, 0)))
         yield from families.values()
+        yield from extra.values()
 
 
 class Metrics:
