@@ -36,7 +36,6 @@ class Settings:
     database_url: str | None = None
     max_waiting: int | None = None
     request_timeout: float | None = None
-    max_embedding_tokens: int = 131072
 
     @property
     def auth_enabled(self) -> bool:
@@ -176,11 +175,6 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
             help="a generation still running this long after it arrived ends with an error "
             "(504, or a stream's finish_reason error) and frees its KV (default: off)",
         ),
-    ),
-    (
-        "--max-embedding-tokens",
-        "max_embedding_tokens",
-        dict(type=int, metavar="N", help="most tokens of all inputs of one embeddings request"),
     ),
 ]
 
