@@ -61,9 +61,15 @@ _PACK_ROWS_HINT = 128
 class PackedLinear(nn.Module):
     """A bias-free linear layer whose weight sits in oneDNN's blocked layout (CPU only).
 
-    `F.linear` on a CPU hands oneDNN a plain row-major weight to re-lay out on every call;
-    a decode step, a few rows times every weight of the model, pays that again and again.
-    Packing once at load time removes it.
+    `F.linear` on a CPU hands oneDNN a plain row-major weight to re-lay out on every call
+    (or, in float32, runs MKL); a decode step, a few rows times every weight of the model,
+    pays that again and again. Packing once at load time removes it.
+
+    It also makes a row's result independent of the batch: oneDNN's blocked GEMM reduces
+    each row in the same order whatever the number of rows, except for a single row,
+    which it sends down a matrix-vector path that rounds differently. So one row is
+    multiplied as two (MKL's float32 GEMM, by contrast, changes kernels with the row
+    count: a token's logits would depend on what else is in the batch).
     """
 
     def __init__(self, weight: Tensor) -> None:
@@ -72,14 +78,21 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2 and x.shape[0] == 1:
+            return self._matmul(x.expand(2, -1).contiguous())[:1]
+        return self._matmul(x)
+
+    def _matmul(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `PackedLinear` runs for this dtype on this device: a CPU with oneDNN, in
-    bfloat16 or float16 where the CPU supports them natively (float32 keeps MKL's GEMM)."""
+    float32, or in bfloat16 / float16 where the CPU supports them natively."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
+    if dtype == torch.float32:
+        return True
     if dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if dtype == torch.float16:

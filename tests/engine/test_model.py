@@ -82,36 +82,59 @@ def test_unknown_rope_scaling_is_a_clear_error(tiny):
 
 
 BF16_PACKS = can_pack(torch.bfloat16, torch.device("cpu"))
+PACKS = {"float32": can_pack(torch.float32, torch.device("cpu")), "bfloat16": BF16_PACKS}
 
 
-@pytest.mark.skipif(not BF16_PACKS, reason="this CPU has no native bfloat16 for oneDNN")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @torch.inference_mode()
-def test_packed_linear_layers_give_the_plain_layers_logits(tied):
-    """bfloat16 on CPU serves with oneDNN-packed weights: the same logits as the plain
+def test_packed_linear_layers_give_the_plain_layers_logits(tied, dtype):
+    """On CPU the engine serves with oneDNN-packed weights: the same logits as the plain
     layers, in a batch of several rows and for a single row (the decode of one stream)."""
+    if not PACKS[dtype]:
+        pytest.skip(f"this CPU's oneDNN does not run {dtype}")
+    dt = getattr(torch, dtype)
     ckpt = make_checkpoint(seed=6, tie_word_embeddings=tied)
-    plain = ours(ckpt).to(torch.bfloat16)
-    packed = ours(ckpt).to(torch.bfloat16)
+    plain = ours(ckpt).to(dt)
+    packed = ours(ckpt).to(dt)
     packed.pack_linear_layers()
     assert isinstance(packed.layers[0].feed_forward.w_down, PackedLinear)
     assert isinstance(packed.lm_head, PackedLinear)
+    tolerance = {"atol": 0.05, "rtol": 0.01} if dt == torch.bfloat16 else {}
     for shape in [(3, 17), (1, 1)]:
         ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(7))
         expected = plain.compute_logits(plain.forward_padded(ids)).float()
         got = packed.compute_logits(packed.forward_padded(ids)).float()
         assert expected.abs().max() > 1.0
-        torch.testing.assert_close(got, expected, atol=0.05, rtol=0.01)
+        torch.testing.assert_close(got, expected, **tolerance)
 
 
-def test_the_engine_packs_bfloat16_weights_on_cpu_only_where_it_can(tiny):
+@pytest.mark.skipif(not PACKS["float32"], reason="this CPU has no oneDNN")
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (1536, 576), (576, 49152)])
+@torch.inference_mode()
+def test_a_packed_row_is_the_same_alone_and_in_any_batch(in_features, out_features):
+    """A token's projection does not depend on how many other rows share the batch
+    (float32, SmolLM2's layer shapes): bitwise, alone (decode of one stream), in small
+    batches and in a long prefill chunk, at any offset."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(out_features, in_features, generator=g) / in_features ** 0.5
+    layer = PackedLinear(weight)
+    x = torch.randn(600, in_features, generator=g)
+    reference = layer(x)
+    for rows, offset in [(1, 0), (1, 37), (2, 5), (3, 100), (7, 1), (16, 300), (129, 20),
+                         (511, 88)]:
+        got = layer(x[offset:offset + rows].clone())
+        assert torch.equal(got, reference[offset:offset + rows]), (rows, offset)
+
+
+def test_the_engine_packs_weights_on_cpu_where_it_can(tiny):
     from sirocco.engine import EngineConfig, LLMEngine
 
     for dtype in ("float32", "bfloat16"):
         engine = LLMEngine(tiny.model_config, tiny.state_dict,
                            EngineConfig(dtype=dtype, kv_cache_memory=2**20))
         head = engine.runner.model.lm_head
-        assert isinstance(head, PackedLinear) == (dtype == "bfloat16" and BF16_PACKS)
+        assert isinstance(head, PackedLinear) == PACKS[dtype]
 
 
 def test_auto_dtype_keeps_small_models_in_float32_on_cpu() -> None:
