@@ -162,6 +162,12 @@ def install_error_handlers(app: FastAPI) -> None:
                 404, f"no route matches {request.method} {request.url.path}", type="not_found_error"
             ).body()
             return JSONResponse(status_code=404, content=body)
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer when the JSON parser fails other than on syntax: a body
+            # nested deeper than Python's recursion limit.
+            body = APIError(400, "the body could not be parsed as JSON (is it nested too "
+                            "deeply?)").body()
+            return JSONResponse(status_code=400, content=body)
         if exc.status_code == 405:
             body = APIError(
                 405,
