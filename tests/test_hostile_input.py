@@ -414,3 +414,17 @@ def test_a_huge_invalid_input_is_echoed_truncated(server: Server) -> None:
     nested = with_value(CHAT, ["temperature"], "[" * 500 + "]" * 500)
     detail = assert_422_naming(send(server, PATHS["chat"], nested), ["temperature"])
     assert len(json.dumps(detail[0]["input"])) < 300
+
+
+def test_a_fine_tuned_model_update_with_a_lone_surrogate_is_422(server: Server) -> None:
+    r = httpx.patch(server.url + "/v1/fine_tuning/models/ft:mistral-tiny:x:0",
+                    content=b'{"name": "\\ud800"}', timeout=30,
+                    headers={"content-type": "application/json"})
+    assert_422_naming(r, ["name"])
+
+
+@pytest.mark.parametrize("where", list(SCHEMA_LOCS))
+def test_a_schema_holding_nan_is_422(server: Server, where: str) -> None:
+    r = send(server, PATHS["chat"], schema_body(where, '{"type": "number", "maximum": NaN}'))
+    detail = assert_422_naming(r, SCHEMA_LOCS[where])
+    assert "NaN" in json.dumps(detail)
