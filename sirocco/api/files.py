@@ -34,6 +34,13 @@ from sirocco.protocol.files import (
     SampleType,
     Source,
 )
+from sirocco.protocol.limits import (
+    INT64_MAX,
+    PAGE_MAX,
+    PAGE_SIZE_MAX,
+    SIGNED_URL_EXPIRY_MAX_HOURS,
+    UPLOAD_EXPIRY_MAX_HOURS,
+)
 from sirocco.storage.blobs import BlobTooLarge, BlobWriter
 from sirocco.storage.files import FileStore
 from sirocco.storage.tables import FileRecord
@@ -183,6 +190,10 @@ def _form_values(upload: _Upload) -> tuple[str, str, int | None]:
         if expiry < 1:
             raise _invalid(["body", "expiry"], "expiry is in hours and must be at least 1",
                            "greater_than_equal", expiry)
+        if expiry > UPLOAD_EXPIRY_MAX_HOURS:
+            raise _invalid(["body", "expiry"], f"expiry is in hours and must be at most "
+                           f"{UPLOAD_EXPIRY_MAX_HOURS} (leave it out for no expiry)",
+                           "less_than_equal", expiry)
     return purpose, visibility, expiry
 
 
@@ -239,8 +250,8 @@ async def upload_file(request: Request,
 @router.get("/v1/files", response_model=ListFilesResponse, summary="List files")
 def list_files(
     request: Request,
-    page: Annotated[int, Query(ge=0)] = 0,
-    page_size: Annotated[int, Query(ge=1, le=10000)] = 100,
+    page: Annotated[int, Query(ge=0, le=PAGE_MAX)] = 0,
+    page_size: Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX)] = 100,
     include_total: bool = True,
     sample_type: Annotated[list[SampleType] | None, Query()] = None,
     source: Annotated[list[Source] | None, Query()] = None,
@@ -312,7 +323,8 @@ def download_file(file_id: uuid.UUID, request: Request) -> StreamingResponse:
 def get_signed_url(
     file_id: uuid.UUID,
     request: Request,
-    expiry: Annotated[int, Query(ge=1, le=168, description="hours, 1 to 168")] = 24,
+    expiry: Annotated[int, Query(ge=1, le=SIGNED_URL_EXPIRY_MAX_HOURS,
+                                 description="hours, 1 to 168")] = 24,
 ) -> GetSignedUrlResponse:
     """A URL that downloads the file without the API key until it expires."""
     store = get_file_store(request)
@@ -326,7 +338,9 @@ def get_signed_url(
 @signed_router.get("/signed/files/{file_id}", summary="Download a file by signed URL",
                    response_class=StreamingResponse, name="download_signed_file",
                    responses={200: {"content": {"application/octet-stream": {}}}})
-def download_signed_file(file_id: uuid.UUID, expires: int, signature: str,
+def download_signed_file(file_id: uuid.UUID,
+                         expires: Annotated[int, Query(ge=0, le=INT64_MAX)],
+                         signature: Annotated[str, Query(pattern=r"^[0-9a-f]{1,128}$")],
                          request: Request) -> StreamingResponse:
     store = get_file_store(request)
     if not store.verify(file_id, expires, signature):

@@ -31,6 +31,7 @@ from sirocco.protocol.jobs import (
     UnarchiveFTModelOut,
     UpdateFTModelIn,
 )
+from sirocco.protocol.limits import PAGE_MAX, PAGE_SIZE_MAX
 from sirocco.serving.registry import ServedModel, UnknownModel
 from sirocco.storage.files import FileStore
 from sirocco.storage.tables import CheckpointRecord, FineTunedModelRecord, JobEventRecord, JobRecord
@@ -215,8 +216,8 @@ def _timestamp(value: datetime | None) -> int | None:
 @router.get("/v1/fine_tuning/jobs", response_model=JobsOut, summary="List fine-tuning jobs")
 def list_jobs(
     jobs: JobQueue = Depends(get_jobs),
-    page: Annotated[int, Query(ge=0)] = 0,
-    page_size: Annotated[int, Query(ge=1, le=10000)] = 100,
+    page: Annotated[int, Query(ge=0, le=PAGE_MAX)] = 0,
+    page_size: Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX)] = 100,
     model: str | None = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,

@@ -12,11 +12,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sirocco.protocol.limits import (
+    LOGIT_BIAS_MAX_ENTRIES,
+    STOP_MAX_CHARS,
+    STOP_MAX_COUNT,
+    TOOLS_MAX,
+    Count,
+    Int64,
+    LogitBias,
+    PositiveCount,
+    Seed,
+    StopList,
+    StopString,
+    check_schema,
+    reject_lone_surrogates,
+)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan: Python's JSON parser reads NaN and Infinity; no field takes them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # -- content chunks -------------------------------------------------------------------
@@ -45,7 +62,7 @@ class DocumentURLChunk(Strict):
 
 class ReferenceChunk(Strict):
     type: Literal["reference"] = "reference"
-    reference_ids: list[int | str]
+    reference_ids: list[Int64 | str]
 
 
 class FileChunk(Strict):
@@ -90,7 +107,7 @@ class ToolCall(Strict):
     id: str = "null"
     type: Literal["function"] = "function"
     function: FunctionCall
-    index: int = 0
+    index: Count = 0
 
 
 class Function(Strict):
@@ -99,6 +116,13 @@ class Function(Strict):
     strict: bool = False
     parameters: dict[str, Any] | None = None
     required: list[str] | None = None  # the AI/ML API's example sends this beside parameters
+
+    @field_validator("parameters")
+    @classmethod
+    def _bounded_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            check_schema(value)
+        return value
 
 
 class Tool(Strict):
@@ -162,7 +186,13 @@ class JsonSchema(Strict):
     description: str | None = None
     strict: bool = False
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_schema(value)
+        return value
 
 
 class ResponseFormat(Strict):
@@ -188,7 +218,7 @@ class StreamOptions(Strict):
 class GuardrailConfig(BaseModel):
     """Accepted in shape only: requests carrying guardrails are refused (no moderation)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     block_on_error: bool = False
 
 
@@ -201,13 +231,19 @@ class SamplingFields(Strict):
     model: str
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_tokens: PositiveCount | None = None
+    min_tokens: Count | None = None
     stream: bool = False
-    stop: str | list[str] | None = None
-    random_seed: Annotated[int, Field(ge=0)] | None = None
+    stop: StopString | StopList | None = Field(
+        None, description=f"at most {STOP_MAX_COUNT} strings of {STOP_MAX_CHARS} characters")
+    random_seed: Seed | None = None
     metadata: dict[str, Any] | None = None
     prompt_cache_key: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return reject_lone_surrogates(data, cls.__name__)
 
     @model_validator(mode="after")
     def _min_le_max(self) -> SamplingFields:
@@ -232,11 +268,11 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: Annotated[list[Message], Field(min_length=1)]
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=TOOLS_MAX)] | None = None
     tool_choice: ToolChoiceEnum | ToolChoice = "auto"
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    n: Annotated[int, Field(ge=1)] | None = None
+    n: PositiveCount | None = None
     prediction: Prediction | None = None
     parallel_tool_calls: bool = True
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
@@ -247,17 +283,18 @@ class ChatCompletionRequest(SamplingFields):
     service_tier: Literal["auto", "standard_only"] | None = None
     safe_prompt: bool = False
     # SDK 3.7 and the AI/ML API dialect:
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Count | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_a: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: LogitBias | None = Field(
+        None, description=f"at most {LOGIT_BIAS_MAX_ENTRIES} token ids, each biased by -100..100")
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     prompt_logprobs: bool | None = None
     top_prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    seed: int | None = None
+    max_completion_tokens: PositiveCount | None = None
+    seed: Int64 | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
 

@@ -12,6 +12,14 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sirocco.protocol.limits import (
+    EPOCHS_MAX,
+    FILE_WEIGHT_MAX,
+    SEQ_LEN_MAX,
+    TRAINING_STEPS_MAX,
+    reject_lone_surrogates,
+)
+
 JobStatus = Literal[
     "QUEUED", "STARTED", "VALIDATING", "VALIDATED", "RUNNING", "FAILED_VALIDATION", "FAILED",
     "SUCCESS", "CANCELLED", "CANCELLATION_REQUESTED",
@@ -30,12 +38,22 @@ HYPERPARAMETER_DEFAULTS: dict[str, Any] = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan: Python's JSON parser reads NaN and Infinity; no field takes them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Body(_Strict):
+    """A request body: its strings are valid Unicode (SQLite stores them as UTF-8)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return reject_lone_surrogates(data, cls.__name__)
 
 
 class TrainingFile(_Strict):
     file_id: UUID = Field(description="an uploaded file's id")
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, le=FILE_WEIGHT_MAX)
 
 
 class WandbIntegration(_Strict):
@@ -51,12 +69,12 @@ class WandbIntegration(_Strict):
 
 
 class CompletionTrainingParametersIn(_Strict):
-    training_steps: int | None = Field(None, ge=1)
+    training_steps: int | None = Field(None, ge=1, le=TRAINING_STEPS_MAX)
     learning_rate: float = Field(0.0001, ge=1e-8, le=1)
     weight_decay: float | None = Field(0.1, ge=0, le=1)
     warmup_fraction: float | None = Field(0.05, ge=0, le=1)
-    epochs: float | None = Field(None, gt=0)
-    seq_len: int | None = Field(None, ge=100)
+    epochs: float | None = Field(None, gt=0, le=EPOCHS_MAX)
+    seq_len: int | None = Field(None, ge=100, le=SEQ_LEN_MAX)
     fim_ratio: float | None = Field(0.9, ge=0, le=1)
 
     @model_validator(mode="after")
@@ -71,11 +89,11 @@ class GithubRepositoryIn(_Strict):
     name: str
     owner: str
     ref: str | None = None
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, le=FILE_WEIGHT_MAX)
     token: str
 
 
-class JobIn(_Strict):
+class JobIn(_Body):
     """`POST /v1/fine_tuning/jobs` body."""
 
     model: str
@@ -182,7 +200,7 @@ class LegacyJobMetadataOut(JobMetadataOut):
     object: Literal["job.metadata"] = "job.metadata"
 
 
-class UpdateFTModelIn(_Strict):
+class UpdateFTModelIn(_Body):
     name: str | None = None
     description: str | None = None
 
