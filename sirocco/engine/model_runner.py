@@ -12,6 +12,7 @@ from sirocco.engine.outputs import TokenLogprob
 from sirocco.engine.sampler import sample
 from sirocco.engine.scheduler import ScheduledBatch
 from sirocco.engine.sequence import Sequence
+from sirocco.models import paged_attention
 from sirocco.models.config import ModelConfig
 from sirocco.models.lora import attach_lora
 from sirocco.models.mistral import (
@@ -48,6 +49,8 @@ class ModelRunner:
         if can_pack(self.dtype, self.device):
             model.pack_linear_layers()
         self.model = model.eval()
+        # Batch-invariant attention where it serves (see the README's Exactness section).
+        self.invariant_attention = paged_attention.available(self.dtype, self.device)
         self.lora = attach_lora(self.model)  # adapters are added by name, at run time
 
         self.block_size = config.block_size
@@ -157,6 +160,16 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         dev = self.device
         pos = torch.tensor(positions, device=dev)
+        if self.invariant_attention:
+            width = max(len(seq.block_table) for seq in batch.seqs)
+            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+            seq_of = [i for i, n in enumerate(batch.num_new_tokens) for _ in range(n)]
+            layout = paged_attention.PagedLayout(
+                torch.tensor(tables, dtype=torch.int32),
+                torch.tensor(seq_of, dtype=torch.int32),
+                torch.tensor(positions, dtype=torch.int32))
+            attn = AttentionBatch([], torch.tensor(slots, device=dev), layout)
+            return torch.tensor(input_ids, device=dev), pos, attn, sample_rows
         attn_groups = []
         offset = 0
         window = self.model_config.sliding_window

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sirocco.models.config import ModelConfig
+from sirocco.models.paged_attention import PagedLayout, paged_attention
 
 LinearFactory = Callable[[int, int], nn.Module]
 """Makes a bias-free linear layer `(in_features, out_features) -> module`."""
@@ -129,10 +130,13 @@ class AttentionBatch:
 
     slot_mapping: [T] flat KV-cache slot (block * block_size + offset) of each new token;
     None for a forward without a KV cache.
+    paged: set where the batch-invariant kernel serves (CPU, float32): every token attends
+    over the cache by its own position and block table, and `groups` are not used.
     """
 
     groups: list[AttentionGroup]
     slot_mapping: Tensor | None = None
+    paged: PagedLayout | None = None
 
 
 def attention_mask(query_positions: Tensor, num_keys: int, sliding_window: int | None,
@@ -209,6 +213,7 @@ class Attention(nn.Module):
         kv_size = self.n_kv_heads * self.head_dim
         self.wqkv = linear(config.hidden_size, q_size + 2 * kv_size)
         self.wo = linear(q_size, config.hidden_size)
+        self.sliding_window = config.sliding_window
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch,
                 kv_cache: Tensor | None) -> Tensor:
@@ -223,6 +228,9 @@ class Attention(nn.Module):
             k_cache, v_cache = kv_cache[0], kv_cache[1]
             k_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
             v_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
+            if batch.paged is not None:
+                out = paged_attention(q, k_cache, v_cache, batch.paged, self.sliding_window)
+                return self.wo(out.view(t, -1))
         outs = []
         for g in batch.groups:
             b = g.batch_size

@@ -4,8 +4,10 @@ the batch; and a request that could run away is refused at submit time."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sirocco.engine import RequestTooLong, SamplingParams
+from sirocco.models import paged_attention
 from tests.engine.conftest import random_prompts
 from tests.engine.test_engine import make_engine
 
@@ -35,3 +37,49 @@ def test_greedy_is_the_same_cold_warm_chunked_and_batched(tiny, dtype):
     assert warm == alone
     assert batched == alone
     assert chunked == alone
+
+
+def _logprobs(engine, prompts, params, before=()):
+    """Tokens and every logprob (chosen and top 3, generated and prompt) of each prompt;
+    `before` prompts are submitted first and decoding when the prompts arrive."""
+    for i, other in enumerate(before):
+        engine.add_request(f"other-{i}", other, SamplingParams(temperature=0, max_tokens=40))
+    for _ in range(3 if before else 0):
+        engine.step()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"p-{i}", prompt, params)
+    got: dict[str, list] = {f"p-{i}": [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            for choice in out.outputs if out.request_id in got else ():
+                for lp in (choice.prompt_logprobs or []) + (choice.new_logprobs or []):
+                    got[out.request_id].append((lp.token_id, lp.logprob, lp.top))
+    return [got[f"p-{i}"] for i in range(len(prompts))]
+
+
+@pytest.mark.skipif(not paged_attention.available(torch.float32, torch.device("cpu")),
+                    reason="no C compiler for the batch-invariant attention kernel")
+@pytest.mark.parametrize("ckpt", ["tiny", "tiny_windowed"])
+def test_logprobs_are_bitwise_the_same_cold_warm_chunked_and_batched(ckpt, request):
+    """With the invariant kernel (CPU, float32) every logprob is bitwise the same: prompt
+    recomputed or from the cache, prefilled whole or 5 tokens a step, alone or beside
+    sequences that are decoding."""
+    ckpt = request.getfixturevalue(ckpt)
+    prompts = random_prompts([9, 23, 14, 31], seed=4)
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3)
+    others = random_prompts([17, 6, 28], seed=5)
+    alone = [_logprobs(make_engine(ckpt), [p], params)[0] for p in prompts]
+    warm_engine = make_engine(ckpt)
+    _logprobs(warm_engine, prompts, params)
+    assert _logprobs(warm_engine, prompts, params) == alone  # prefixes now in the cache
+    assert warm_engine.block_manager.prefix_hits > 0
+    assert _logprobs(make_engine(ckpt), prompts, params) == alone  # one batch
+    assert _logprobs(make_engine(ckpt, max_num_batched_tokens=5), prompts, params) == alone
+    assert _logprobs(make_engine(ckpt), prompts, params, before=others) == alone
+    # The prompt recomputed for its logprobs: the same answer, and the same prompt logprobs
+    # whatever the chunking and the batch.
+    recompute = SamplingParams(temperature=0, max_tokens=12, logprobs=3, prompt_logprobs=3)
+    recomputed = _logprobs(make_engine(ckpt), prompts, recompute)
+    assert [r[-12:] for r in recomputed] == alone
+    assert _logprobs(make_engine(ckpt, max_num_batched_tokens=5), prompts, recompute,
+                     before=others) == recomputed
