@@ -179,3 +179,190 @@ def test_a_slow_but_steady_body_is_not_cut_off(guarded: Server) -> None:
     r = httpx.post(guarded.url + "/v1/chat/completions", content=trickle(),
                    headers={"Content-Type": "application/json", **AUTH}, timeout=60)
     assert r.status_code == 200, r.text
+
+
+# -- 3. /health tells an unauthenticated client only the status --------------------------------
+
+
+def test_health_without_a_key_shows_only_the_status(guarded: Server) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(guarded.url + "/health", headers=headers)
+        assert r.status_code == 200
+        assert r.json() == {"status": "ok"}
+        assert "secret-model-id" not in r.text
+
+
+def test_health_with_the_key_lists_the_models(guarded: Server) -> None:
+    r = httpx.get(guarded.url + "/health", headers=AUTH)
+    assert r.status_code == 200
+    assert r.json()["status"] == "ok"
+    assert "secret-model-id" in r.json()["models"]
+
+
+# -- 4. no secret in any log line; 5. signed URLs ignore the Host header ----------------------
+
+
+def _uploaded_file(server: Server) -> str:
+    r = httpx.post(server.url + "/v1/files", headers=AUTH,
+                   files={"file": ("logged.jsonl", b'{"text": "log me"}\n')})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def test_signatures_and_query_keys_never_reach_the_log(guarded: Server) -> None:
+    file_id = _uploaded_file(guarded)
+    url = httpx.get(f"{guarded.url}/v1/files/{file_id}/url", headers=AUTH).json()["url"]
+    signature = httpx.URL(url).params["signature"]
+    assert httpx.get(url).content == b'{"text": "log me"}\n'
+    assert httpx.get(url.replace(signature, "0" * 64)).status_code == 403
+    query_secret = "query-string-secret-4711"
+    for query in (f"api_key={query_secret}", f"key={query_secret}&x=1", f"token={query_secret}"):
+        httpx.get(f"{guarded.url}/v1/models?{query}", headers=AUTH)
+        httpx.get(f"{guarded.url}/health?{query}")
+    time.sleep(0.5)  # the access log is written as the answers go out
+    log = guarded.log()
+    assert f"/signed/files/{file_id}" in log  # the requests were logged...
+    assert "signature=[redacted]" in log and "api_key=[redacted]" in log
+    assert signature not in log  # ...without their secrets
+    assert query_secret not in log
+    assert KEY not in log
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:443", "127.0.0.1:1"])
+def test_a_forged_host_header_does_not_change_the_signed_url(guarded: Server, host: str) -> None:
+    file_id = _uploaded_file(guarded)
+    r = httpx.get(f"{guarded.url}/v1/files/{file_id}/url", headers={**AUTH, "Host": host})
+    assert r.status_code == 200
+    url = r.json()["url"]
+    assert url.startswith(f"{guarded.url}/signed/files/{file_id}?"), url
+    assert httpx.get(url).status_code == 200
+
+
+# -- 5/6. --public-url; keys from a file; a warning for a key on the command line --------------
+
+
+@pytest.fixture(scope="module")
+def keyfile_server(demo_model_dir: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    data_dir = tmp_path_factory.mktemp("keyfile")
+    key_file = data_dir / "keys.txt"
+    key_file.write_text("# one key a line\nfile-key-1\n\n  file-key-2  \n")
+    server = start_server(
+        ["--model", str(demo_model_dir), "--dtype", "float32", "--kv-cache-memory", "16MiB",
+         "--api-key", "argv-key", "--api-key-file", str(key_file),
+         "--public-url", "https://files.example.com/sirocco/"],
+        data_dir,
+    )
+    yield server
+    server.stop()
+
+
+def test_keys_from_the_file_and_the_flag_are_accepted(keyfile_server: Server) -> None:
+    for key in ("file-key-1", "file-key-2", "argv-key"):
+        r = httpx.get(keyfile_server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, key
+    for key in ("#", "file-key", "file-key-1x"):
+        r = httpx.get(keyfile_server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 401, key
+
+
+def test_a_key_on_the_command_line_is_warned_about(keyfile_server: Server,
+                                                   guarded: Server) -> None:
+    assert "every local user can read it" not in guarded.log()  # it came from SIROCCO_API_KEY
+    assert "every local user can read it in `ps`" in keyfile_server.log()
+    assert "file-key-1" not in keyfile_server.log()
+
+
+def test_signed_urls_use_the_public_url(keyfile_server: Server) -> None:
+    headers = {"Authorization": "Bearer file-key-1"}
+    r = httpx.post(keyfile_server.url + "/v1/files", headers=headers,
+                   files={"file": ("p.jsonl", b'{"text": "public"}\n')})
+    file_id = r.json()["id"]
+    url = httpx.get(f"{keyfile_server.url}/v1/files/{file_id}/url",
+                    headers={**headers, "Host": "evil.example"}).json()["url"]
+    assert url.startswith(f"https://files.example.com/sirocco/signed/files/{file_id}?"), url
+    local = httpx.URL(url).copy_with(scheme="http", host="127.0.0.1",
+                                     port=httpx.URL(keyfile_server.url).port,
+                                     path=f"/signed/files/{file_id}")
+    assert httpx.get(local).content == b'{"text": "public"}\n'
+
+
+def test_key_file_settings(tmp_path: Path) -> None:
+    from sirocco.cli import build_parser
+    from sirocco.config import settings_from_args
+
+    key_file = tmp_path / "keys"
+    key_file.write_text("k-file\n")
+    args = build_parser().parse_args(["serve"])
+    settings = settings_from_args(args, {"SIROCCO_API_KEY": "k-env",
+                                         "SIROCCO_API_KEY_FILE": str(key_file)})
+    assert settings.api_keys == ["k-env", "k-file"]
+    assert not settings.api_key_on_command_line
+    args = build_parser().parse_args(["serve", "--api-key", "k-argv"])
+    assert settings_from_args(args, {}).api_key_on_command_line
+    args = build_parser().parse_args(["serve", "--api-key-file", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="cannot read the API key file"):
+        settings_from_args(args, {})
+    (tmp_path / "empty").write_text("# nothing\n")
+    args = build_parser().parse_args(["serve", "--api-key-file", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="holds no key"):
+        settings_from_args(args, {})
+    args = build_parser().parse_args(["serve", "--read-timeout", "0"])
+    with pytest.raises(SystemExit, match="--read-timeout must be positive"):
+        settings_from_args(args, {})
+
+
+# -- 3. /health reports a dead engine -----------------------------------------------------------
+
+
+def test_health_is_503_and_names_a_dead_engine(demo_model_dir: Path, tmp_path: Path) -> None:
+    """In-process, so that the test can make one engine's step raise as a bug would."""
+    import threading
+
+    import uvicorn
+
+    from sirocco.api.app import create_app
+    from sirocco.api.state import ServerState
+    from sirocco.cli import build_parser
+    from sirocco.config import settings_from_args
+    from sirocco.serving.loading import load_models
+    from tests.conftest import free_port
+
+    port = free_port()
+    args = build_parser().parse_args([
+        "serve", "--model", str(demo_model_dir), "--served-model-name", "doomed-model",
+        "--dtype", "float32", "--kv-cache-memory", "16MiB", "--port", str(port),
+        "--data-dir", str(tmp_path)])
+    settings = settings_from_args(args, {"SIROCCO_API_KEY": KEY})
+    registry = load_models(settings)
+    server = uvicorn.Server(uvicorn.Config(create_app(ServerState(settings, registry)),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+        def broken_step() -> None:
+            raise RuntimeError("a bug in the engine loop")
+
+        registry.get("doomed-model").engine.engine.step = broken_step
+        r = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=30,
+                       json={"model": "doomed-model", "max_tokens": 2,
+                             "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code in (500, 503)  # the request caught in the dying step
+
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503
+        assert r.json() == {"status": "unavailable"}
+        r = httpx.get(url + "/health", headers=AUTH)
+        assert r.status_code == 503
+        assert r.json()["unavailable_models"] == ["doomed-model"]
+        assert "mistral-embed" in r.json()["models"]
+    finally:
+        server.should_exit = True
+        thread.join(30)
