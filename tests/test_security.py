@@ -3,6 +3,7 @@ do, and what the server lets out (health, logs, signed URLs)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
 
 from tests.conftest import Server, start_server
 
@@ -366,3 +368,39 @@ def test_health_is_503_and_names_a_dead_engine(demo_model_dir: Path, tmp_path: P
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+# -- request ids -------------------------------------------------------------------------------
+
+
+def test_every_answer_carries_a_request_id(guarded: Server) -> None:
+    r = httpx.get(guarded.url + "/v1/models", headers={**AUTH, "x-request-id": "client-id.42"})
+    assert r.headers["x-request-id"] == "client-id.42"
+    for bad in ("", "x" * 129, "spaces are not sane", "semi;colon"):
+        r = httpx.get(guarded.url + "/v1/models", headers={"x-request-id": bad})
+        assert r.status_code == 401  # refusals carry one too
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"]), bad
+    ids = {httpx.get(guarded.url + "/health").headers["x-request-id"] for _ in range(3)}
+    assert len(ids) == 3
+
+
+def test_the_request_id_is_in_request_state() -> None:
+    import asyncio
+
+    from sirocco.api.request_id import RequestId
+
+    app = FastAPI()
+    app.add_middleware(RequestId)
+
+    @app.get("/")
+    async def root(request: Request) -> dict:
+        return {"seen": request.state.request_id}
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.get("/", headers={"x-request-id": "abc-1"})
+
+    r = asyncio.run(call())
+    assert r.json() == {"seen": "abc-1"}
+    assert r.headers["x-request-id"] == "abc-1"

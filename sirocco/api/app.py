@@ -15,6 +15,7 @@ from sirocco.api.auth import authorization_ok, require_api_key
 from sirocco.api.errors import install_error_handlers
 from sirocco.api.guard import RequestGuard
 from sirocco.api.platform import close_platform, open_platform
+from sirocco.api.request_id import RequestId
 from sirocco.api.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def create_app(state: ServerState) -> FastAPI:
     )
     app.state.sirocco = state
     app.add_middleware(RequestGuard, settings=state.settings)
+    app.add_middleware(RequestId)  # added last: runs first, so refusals carry the id too
     install_error_handlers(app)
     for router in V1_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_api_key)])
