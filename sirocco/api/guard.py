@@ -2,8 +2,9 @@
 the read timeout and the bound on concurrent uploads.
 
 A pure ASGI middleware, because FastAPI reads and parses a body before a route's
-dependencies run: a refused request must cost its headers, not its body. A refusal
-closes the connection (`Connection: close`), so the rest of a large body is never read.
+dependencies run: a refused request must cost its headers, not its body. Refusing a
+request that carries a body closes the connection (`Connection: close`), so the rest of
+the body is never read.
 """
 
 from __future__ import annotations
@@ -49,12 +50,18 @@ def read_timed_out(seconds: float) -> APIError:
                     code="request_timeout")
 
 
+def may_have_body(headers: Headers) -> bool:
+    return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
+
+
 async def send_refusal(send: Send, status: int, body: dict[str, Any],
-                       headers: dict[str, str] | None = None) -> None:
-    """A complete JSON answer that also closes the connection (the body is left unread)."""
+                       headers: dict[str, str] | None = None, close: bool = True) -> None:
+    """A complete JSON answer; with `close`, the connection closes and the body is never
+    read (kept open, the server would have to read the whole body to find the next request)."""
     content = json.dumps(body, separators=(",", ":")).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content)),
-           (b"connection", b"close")]
+    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
+    if close:
+        raw.append((b"connection", b"close"))
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": content, "more_body": False})
@@ -76,7 +83,8 @@ class RequestGuard:
         headers = Headers(scope=scope)
         if settings.api_keys and needs_key(scope["path"]) \
                 and not authorization_ok(headers.get("authorization"), settings.api_keys):
-            await send_refusal(send, 401, _UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+            await send_refusal(send, 401, _UNAUTHORIZED, {"WWW-Authenticate": "Bearer"},
+                               close=may_have_body(headers))
             return
         upload = is_upload(scope)
         if upload:
@@ -98,7 +106,8 @@ class RequestGuard:
                             "(sirocco serve --max-concurrent-uploads); retry later",
                             type="rate_limit_error", code="too_many_uploads")
             await send_refusal(send, 429, busy.body(),
-                               {"Retry-After": str(UPLOAD_RETRY_AFTER_S)})
+                               {"Retry-After": str(UPLOAD_RETRY_AFTER_S)},
+                               close=may_have_body(headers))
             return
         self.uploads_in_progress += 1
         try:
