@@ -3,7 +3,9 @@
 The stream follows mistral-api.md 3.6: a first delta `{"role":"assistant","content":""}`,
 content deltas with `"finish_reason": null` written out, a last chunk per choice with its
 finish_reason (and usage on the very last), then `data: [DONE]`. Tool calls arrive whole
-in one delta. A client that goes away aborts its generation.
+in one delta. A client that goes away aborts its generation, streamed or not: while a
+non-streamed answer is collected (or a stream waits for its first token) the ASGI receive
+channel is watched for `http.disconnect`, and the engine requests are aborted when it comes.
 
 `prompt_logprobs: true` adds to each choice `"prompt_logprobs": {"content": [...]}`, shaped
 like `logprobs` (token, logprob, bytes, token_id, top_logprobs with `top_prompt_logprobs`
@@ -15,13 +17,14 @@ then sent once the choice's first token is known rather than before generation s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from sirocco.api.errors import APIError
 from sirocco.api.state import ServerState, get_state
@@ -54,7 +57,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def chat_completions(
-    request: ChatCompletionRequest, state: ServerState = Depends(get_state)
+    request: ChatCompletionRequest, raw: Request, state: ServerState = Depends(get_state)
 ) -> Any:
     served, job = prepare_chat(request, state.registry, state.settings.max_n)
     # Mistral sends usage on the last chunk; OpenAI's stream_options.include_usage asks
@@ -62,7 +65,7 @@ async def chat_completions(
     usage_mode = "last"
     if request.stream_options is not None:
         usage_mode = "separate" if request.stream_options.include_usage else "none"
-    return await _answer(served, job, request.model, request.stream, usage_mode)
+    return await _answer(raw, served, job, request.model, request.stream, usage_mode)
 
 
 @router.post(
@@ -72,29 +75,72 @@ async def chat_completions(
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def fim_completions(
-    request: FIMCompletionRequest, state: ServerState = Depends(get_state)
+    request: FIMCompletionRequest, raw: Request, state: ServerState = Depends(get_state)
 ) -> Any:
     served, job = prepare_fim(request, state.registry)
-    return await _answer(served, job, request.model, request.stream, "last")
+    return await _answer(raw, served, job, request.model, request.stream, "last")
+
+
+#: What `_unless_disconnected` returns when the client went away first.
+_GONE = object()
+#: The status logged (never seen: nobody is listening) for a request whose client left,
+#: as nginx logs it.
+CLIENT_CLOSED = 499
 
 
 async def _answer(
-    served: ServedModel, job: GenerationJob, model: str, stream: bool, usage_mode: str
+    raw: Request, served: ServedModel, job: GenerationJob, model: str, stream: bool,
+    usage_mode: str,
 ) -> Any:
     usage = Usage()
     try:
         served.engine.check_admission(len(job.params))
         deltas = run_generation(served.engine, served.tokenizer, job, usage)
-        first = await anext(deltas, None)  # engine errors (too long, ...) surface as a 4xx
         if stream:
+            # engine errors (too long, ...) surface with the first delta, as a 4xx
+            first = await _unless_disconnected(raw, anext(deltas, None))
+            if first is _GONE:
+                return Response(status_code=CLIENT_CLOSED)
             return StreamingResponse(
                 _sse(job, model, first, deltas, usage, usage_mode),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        return JSONResponse(await _collect(job, model, first, deltas, usage))
+        body = await _unless_disconnected(raw, _collect(job, model, deltas, usage))
+        if body is _GONE:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(body)
     except (EngineError, RequestFailed, EngineDeadError) as exc:
         return _engine_error(exc, model)
+
+
+async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
+    """The result of `awaitable`, or `_GONE` (with it cancelled) if the client leaves first.
+
+    Cancelling the collection closes `run_generation`, which aborts the engine requests:
+    their KV blocks are freed before the next step.
+    """
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.create_task(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # this handler itself is cancelled: stop both
+        work.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return _GONE
+    return work.result()
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Return once the client has gone away. The body is read by now, so the next ASGI
+    message is `http.disconnect` (or, for an unread body, more of it: skipped)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _engine_error(exc: Exception, model: str) -> JSONResponse:
@@ -120,7 +166,6 @@ def _engine_error(exc: Exception, model: str) -> JSONResponse:
 async def _collect(
     job: GenerationJob,
     model: str,
-    first: ChoiceDelta | None,
     deltas: AsyncIterator[ChoiceDelta],
     usage: Usage,
 ) -> dict[str, Any]:
@@ -130,8 +175,7 @@ async def _collect(
     prompt_logprobs: list[list[dict]] = [[] for _ in range(n)]
     calls: list[Any] = [None] * n
     finish: list[str] = ["error"] * n
-    pending = [first] if first else []
-    async for delta in _chain(pending, deltas):
+    async for delta in deltas:
         content[delta.index] += delta.content
         logprobs[delta.index].extend(delta.logprobs)
         if delta.prompt_logprobs is not None:
