@@ -44,6 +44,7 @@ from sirocco.protocol.chat import (
 from sirocco.serving.completions import prepare_chat, prepare_fim
 from sirocco.serving.generation import ChoiceDelta, GenerationJob, Usage, run_generation
 from sirocco.serving.registry import ServedModel
+from sirocco.serving.request_log import RequestRecord, request_id_of
 
 router = APIRouter(tags=["completions"])
 
@@ -59,13 +60,14 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 async def chat_completions(
     request: ChatCompletionRequest, raw: Request, state: ServerState = Depends(get_state)
 ) -> Any:
+    record = RequestRecord(request_id_of(raw), "chat", request.model)
     served, job = prepare_chat(request, state.registry, state.settings.max_n)
     # Mistral sends usage on the last chunk; OpenAI's stream_options.include_usage asks
     # for a final chunk with no choices that carries it (and false for none at all).
     usage_mode = "last"
     if request.stream_options is not None:
         usage_mode = "separate" if request.stream_options.include_usage else "none"
-    return await _answer(raw, served, job, request.model, request.stream, usage_mode)
+    return await _answer(raw, served, job, request.model, request.stream, usage_mode, record)
 
 
 @router.post(
@@ -77,8 +79,9 @@ async def chat_completions(
 async def fim_completions(
     request: FIMCompletionRequest, raw: Request, state: ServerState = Depends(get_state)
 ) -> Any:
+    record = RequestRecord(request_id_of(raw), "fim", request.model)
     served, job = prepare_fim(request, state.registry)
-    return await _answer(raw, served, job, request.model, request.stream, "last")
+    return await _answer(raw, served, job, request.model, request.stream, "last", record)
 
 
 #: What `_unless_disconnected` returns when the client went away first.
@@ -90,9 +93,11 @@ CLIENT_CLOSED = 499
 
 async def _answer(
     raw: Request, served: ServedModel, job: GenerationJob, model: str, stream: bool,
-    usage_mode: str,
+    usage_mode: str, record: RequestRecord,
 ) -> Any:
     usage = Usage()
+    record.response_id = job.request_id
+    status, streaming = 500, False  # (500 unless it ends otherwise: an unexpected error)
     try:
         served.engine.check_admission(len(job.params))
         deltas = run_generation(served.engine, served.tokenizer, job, usage)
@@ -100,18 +105,34 @@ async def _answer(
             # engine errors (too long, ...) surface with the first delta, as a 4xx
             first = await _unless_disconnected(raw, anext(deltas, None))
             if first is _GONE:
-                return Response(status_code=CLIENT_CLOSED)
+                status = CLIENT_CLOSED
+                return Response(status_code=status)
+            streaming = True  # the stream's end writes the log line
             return StreamingResponse(
-                _sse(job, model, first, deltas, usage, usage_mode),
+                _sse(job, model, first, deltas, usage, usage_mode, record),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
         body = await _unless_disconnected(raw, _collect(job, model, deltas, usage))
         if body is _GONE:
-            return Response(status_code=CLIENT_CLOSED)
+            status = CLIENT_CLOSED
+            return Response(status_code=status)
+        record.finish = {c["index"]: c["finish_reason"] for c in body["choices"]}
+        status = 200
         return JSONResponse(body)
     except (EngineError, RequestFailed, EngineDeadError) as exc:
-        return _engine_error(exc, model)
+        response = _engine_error(exc, model)
+        status = response.status_code
+        return response
+    finally:
+        if not streaming:
+            _log_usage(record, usage)
+            record.done(status)
+
+
+def _log_usage(record: RequestRecord, usage: Usage) -> None:
+    record.count(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                 usage.first_token_at)
 
 
 async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
@@ -236,6 +257,7 @@ async def _sse(
     deltas: AsyncIterator[ChoiceDelta],
     usage: Usage,
     usage_mode: str,
+    record: RequestRecord,
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
     n = len(job.params)
@@ -264,6 +286,7 @@ async def _sse(
         return chunk([choice])
 
     opened: set[int] = set()
+    complete = False  # (not once the client has left mid-stream)
     try:
         if not job.prompt_logprobs:  # else each choice opens with its first delta
             for i in range(n):
@@ -289,6 +312,7 @@ async def _sse(
                     choice["logprobs"] = {"content": delta.logprobs}
                 last = False
                 if delta.finish_reason:
+                    record.finish[delta.index] = delta.finish_reason
                     finished.add(delta.index)
                     open_choices -= 1
                     last = open_choices == 0
@@ -297,6 +321,7 @@ async def _sse(
             # The contract has no error event: every open choice ends with finish_reason
             # "error", and an SSE comment (which clients skip) says why.
             for i in sorted(set(range(n)) - finished):
+                record.finish[i] = "error"
                 open_choices -= 1
                 last = open_choices == 0
                 yield chunk([{"index": i, "delta": {}, "finish_reason": "error"}],
@@ -305,5 +330,8 @@ async def _sse(
         if usage_mode == "separate":
             yield chunk([], usage.wire())
         yield b"data: [DONE]\n\n"
+        complete = True
     finally:
         await deltas.aclose()
+        _log_usage(record, usage)
+        record.done(200 if complete else CLIENT_CLOSED)

@@ -37,7 +37,7 @@ import base64
 import uuid
 
 import numpy as np
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from sirocco.api.errors import bad_request, invalid_model
@@ -46,6 +46,7 @@ from sirocco.models.encoder import InputTooLong
 from sirocco.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from sirocco.protocol.errors import ErrorResponse
 from sirocco.serving.registry import ModelRegistry, UnknownModel
+from sirocco.serving.request_log import RequestRecord, request_id_of
 
 router = APIRouter(tags=["embeddings"])
 
@@ -89,9 +90,10 @@ def encode_rows(rows: np.ndarray, encoding_format: str) -> list[list[float] | li
                      "description": "unknown model, output_dimension too large, input too long"}},
 )
 async def create_embeddings(
-    request: EmbeddingRequest, registry: ModelRegistry = Depends(get_registry)
+    request: EmbeddingRequest, raw: Request, registry: ModelRegistry = Depends(get_registry)
 ) -> JSONResponse:
     """Embed one text or a list of texts with an embedding model such as `mistral-embed`."""
+    record = RequestRecord(request_id_of(raw), "embeddings", request.model)
     try:
         served = registry.get(request.model)
     except UnknownModel:
@@ -113,9 +115,12 @@ async def create_embeddings(
     vectors = reduce_dimension(result.vectors.numpy(), request.output_dimension)
     rows = encode_rows(quantize(vectors, request.output_dtype), request.encoding_format)
     prompt_tokens = sum(result.num_tokens)
+    record.response_id = uuid.uuid4().hex
+    record.count(prompt_tokens)
+    record.done(200)
     # Built by hand rather than validated through EmbeddingResponse: thousands of floats.
     return JSONResponse({
-        "id": uuid.uuid4().hex,
+        "id": record.response_id,
         "object": "list",
         "model": request.model,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,

@@ -10,6 +10,7 @@ from token ids, finish reasons and usage.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -56,9 +57,13 @@ class ChoiceDelta:
 
 @dataclass(slots=True)
 class Usage:
+    """Token counts of a request as the wire reports them, and when its first token came
+    (`time.monotonic()`, for the request's log line; not on the wire)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    first_token_at: float | None = None
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -217,6 +222,8 @@ async def run_generation(
                     usage.cached_tokens = out.num_cached_tokens
                 for choice in out.outputs:
                     usage.completion_tokens += len(choice.new_token_ids)
+                    if usage.first_token_at is None and choice.new_token_ids:
+                        usage.first_token_at = time.monotonic()
                     delta = ChoiceDelta(index=index, content=text.push(choice.new_token_ids))
                     if job.logprobs and choice.new_logprobs:
                         delta.logprobs = [
