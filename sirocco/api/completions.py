@@ -41,7 +41,7 @@ from sirocco.protocol.chat import (
     ChatCompletionResponse,
     FIMCompletionRequest,
 )
-from sirocco.serving.completions import prepare_chat, prepare_fim
+from sirocco.serving.completions import prepare_chat_off_loop, prepare_fim_off_loop
 from sirocco.serving.generation import ChoiceDelta, GenerationJob, Usage, run_generation
 from sirocco.serving.registry import ServedModel
 from sirocco.serving.request_log import RequestRecord, request_id_of
@@ -61,7 +61,7 @@ async def chat_completions(
     request: ChatCompletionRequest, raw: Request, state: ServerState = Depends(get_state)
 ) -> Any:
     record = RequestRecord(request_id_of(raw), "chat", request.model)
-    served, job = prepare_chat(request, state.registry, state.settings.max_n)
+    served, job = await prepare_chat_off_loop(request, state.registry, state.settings.max_n)
     # Mistral sends usage on the last chunk; OpenAI's stream_options.include_usage asks
     # for a final chunk with no choices that carries it (and false for none at all).
     usage_mode = "last"
@@ -80,7 +80,7 @@ async def fim_completions(
     request: FIMCompletionRequest, raw: Request, state: ServerState = Depends(get_state)
 ) -> Any:
     record = RequestRecord(request_id_of(raw), "fim", request.model)
-    served, job = prepare_fim(request, state.registry)
+    served, job = await prepare_fim_off_loop(request, state.registry)
     return await _answer(raw, served, job, request.model, request.stream, "last", record)
 
 
@@ -119,7 +119,7 @@ async def _answer(
             return Response(status_code=status)
         record.finish = {c["index"]: c["finish_reason"] for c in body["choices"]}
         status = 200
-        return JSONResponse(body)
+        return await asyncio.to_thread(JSONResponse, body)  # (logprobs make big bodies)
     except (EngineError, RequestFailed, EngineDeadError) as exc:
         response = _engine_error(exc, model)
         status = response.status_code
