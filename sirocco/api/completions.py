@@ -118,8 +118,9 @@ async def _answer(
             status = CLIENT_CLOSED
             return Response(status_code=status)
         record.finish = {c["index"]: c["finish_reason"] for c in body["choices"]}
+        response = await asyncio.to_thread(JSONResponse, body)  # (logprobs: big bodies)
         status = 200
-        return await asyncio.to_thread(JSONResponse, body)  # (logprobs make big bodies)
+        return response
     except (EngineError, RequestFailed, EngineDeadError) as exc:
         response = _engine_error(exc, model)
         status = response.status_code
