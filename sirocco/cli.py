@@ -29,11 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(level: str) -> None:
+    from sirocco.api.log_redaction import redact_root_handlers
+
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    redact_root_handlers()
 
 
 def serve(settings: Settings) -> int:
@@ -41,6 +44,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from sirocco.api.app import create_app
+    from sirocco.api.log_redaction import uvicorn_log_config
     from sirocco.api.state import ServerState
     from sirocco.models.loader import ModelLoadError
     from sirocco.serving.loading import load_models
@@ -65,6 +69,11 @@ def serve(settings: Settings) -> int:
             len(settings.api_keys),
             "" if len(settings.api_keys) == 1 else "s",
         )
+        if settings.api_key_on_command_line:
+            log.warning(
+                "an API key was given with --api-key: every local user can read it in `ps`; "
+                "pass keys with SIROCCO_API_KEY or --api-key-file instead"
+            )
     else:
         log.warning(
             "auth is OFF: anyone who can reach %s:%d can use the API "
@@ -72,12 +81,27 @@ def serve(settings: Settings) -> int:
             settings.host,
             settings.port,
         )
+    if settings.public_url is None and settings.host in ("0.0.0.0", "::", ""):
+        log.warning(
+            "signed file URLs point at %s, which clients cannot reach; set --public-url",
+            settings.base_url,
+        )
+    log.info(
+        "limits: request bodies %d bytes, uploads %d bytes, %d concurrent uploads, "
+        "read timeout %g s; signed URLs on %s",
+        settings.max_request_size,
+        settings.max_upload_size,
+        settings.max_concurrent_uploads,
+        settings.read_timeout,
+        settings.base_url,
+    )
     log.info("listening on http://%s:%d (docs at /docs)", settings.host, settings.port)
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=uvicorn_log_config(),
         timeout_graceful_shutdown=5,
     )
     log.info("stopped")

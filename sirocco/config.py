@@ -36,10 +36,25 @@ class Settings:
     database_url: str | None = None
     max_waiting: int | None = None
     request_timeout: float | None = None
+    max_request_size: int = 16 * 1024 * 1024
+    read_timeout: float = 30.0
+    max_concurrent_uploads: int = 8
+    public_url: str | None = None
+    api_key_file: Path | None = None
+    #: Whether a key came from `--api-key` on the command line (visible in `ps`).
+    api_key_on_command_line: bool = False
 
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    @property
+    def base_url(self) -> str:
+        """Where clients reach this server: `--public-url`, else the listening address."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
 
 def parse_size(text: str) -> int:
@@ -118,7 +133,18 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
             action="append",
             metavar="KEY",
             help="require 'Authorization: Bearer KEY' on /v1 routes; repeatable "
-            "(SIROCCO_API_KEY may hold several, comma-separated)",
+            "(SIROCCO_API_KEY may hold several, comma-separated). A key on the command line "
+            "is visible to every local user in `ps`: prefer SIROCCO_API_KEY or --api-key-file",
+        ),
+    ),
+    (
+        "--api-key-file",
+        "api_key_file",
+        dict(
+            type=Path,
+            metavar="PATH",
+            help="file of API keys, one per line (blank lines and # comments skipped); "
+            "added to --api-key / SIROCCO_API_KEY",
         ),
     ),
     (
@@ -176,6 +202,44 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
             "(504, or a stream's finish_reason error) and frees its KV (default: off)",
         ),
     ),
+    (
+        "--max-request-size",
+        "max_request_size",
+        dict(
+            type=parse_size,
+            metavar="SIZE",
+            help="largest request body other than a file upload (413 beyond it, decided from "
+            "Content-Length or as the bytes arrive, before anything is parsed)",
+        ),
+    ),
+    (
+        "--read-timeout",
+        "read_timeout",
+        dict(
+            type=float,
+            metavar="SECONDS",
+            help="a client that sends no part of its request body for this long gets a 408 "
+            "and its connection closed; a partial upload is deleted",
+        ),
+    ),
+    (
+        "--max-concurrent-uploads",
+        "max_concurrent_uploads",
+        dict(
+            type=int,
+            metavar="N",
+            help="file uploads received at the same time; past it a 429 with Retry-After",
+        ),
+    ),
+    (
+        "--public-url",
+        "public_url",
+        dict(
+            metavar="URL",
+            help="base URL clients reach this server at, used in signed file URLs "
+            "(default: http://HOST:PORT; never the request's Host header)",
+        ),
+    ),
 ]
 
 
@@ -223,4 +287,30 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         if value is not None:
             setattr(settings, dest, value)
     settings.data_dir = Path(settings.data_dir).expanduser().resolve()
+    settings.api_key_on_command_line = bool(getattr(args, "api_keys", None))
+    if settings.api_key_file is not None:
+        settings.api_keys = [*settings.api_keys, *read_key_file(settings.api_key_file)]
+    check_limits(settings)
     return settings
+
+
+def read_key_file(path: Path) -> list[str]:
+    """API keys from a file: one per line; blank lines and `#` comments are skipped."""
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot read the API key file {path}: {exc.strerror}") from None
+    keys = [line.strip() for line in text.splitlines()]
+    keys = [key for key in keys if key and not key.startswith("#")]
+    if not keys:
+        raise SystemExit(f"error: the API key file {path} holds no key")
+    return keys
+
+
+def check_limits(settings: Settings) -> None:
+    """Limits that must be positive for the server to accept anything."""
+    for flag, value in (("--max-request-size", settings.max_request_size),
+                        ("--read-timeout", settings.read_timeout),
+                        ("--max-concurrent-uploads", settings.max_concurrent_uploads)):
+        if value <= 0:
+            raise SystemExit(f"error: {flag} must be positive, got {value}")

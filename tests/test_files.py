@@ -79,12 +79,47 @@ def test_responses_match_the_spec(api: httpx.Client) -> None:
     assert_schema("files", "DeleteFileResponse", api.delete(f"/v1/files/{file_id}").json())
 
 
-def test_same_name_and_content_returns_the_existing_file(api: httpx.Client) -> None:
-    content = chat_jsonl(2, "dedupe")
-    first = upload(api, content, "dedupe.jsonl")
-    assert upload(api, content, "dedupe.jsonl")["id"] == first["id"]
-    assert upload(api, content, "other-name.jsonl")["id"] != first["id"]
-    assert upload(api, content + b"\n", "dedupe.jsonl")["id"] != first["id"]
+def test_each_upload_is_its_own_file_and_identical_bytes_are_stored_once(
+        api: httpx.Client, platform_server: Server) -> None:
+    content = chat_jsonl(2, uuid.uuid4().hex)
+    blobs = platform_server.data_dir / "files"
+
+    def post(name: str, **form: str) -> dict:
+        r = api.post("/v1/files", files={"file": (name, content)}, data=form)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = post("twin.jsonl", expiry="2")
+    second = post("twin.jsonl", expiry="5", purpose="batch")
+    renamed = post("other-name.jsonl")
+    assert len({first["id"], second["id"], renamed["id"]}) == 3
+    assert first["expires_at"] == first["created_at"] + 2 * 3600
+    assert second["expires_at"] == second["created_at"] + 5 * 3600
+    assert renamed["expires_at"] is None
+    assert (first["purpose"], first["sample_type"]) == ("fine-tune", "instruct")
+    assert (second["purpose"], second["sample_type"]) == ("batch", "batch_request")
+    for made in (first, second, renamed):
+        got = api.get(f"/v1/files/{made['id']}").json()
+        assert {k: got[k] for k in made} == made
+
+    # One copy of the bytes on disk: three names of one inode.
+    paths = [blobs / f["id"] for f in (first, second, renamed)]
+    inodes = {p.stat().st_ino for p in paths}
+    assert len(inodes) == 1 and paths[0].stat().st_nlink == 3
+    assert sum(p.stat().st_ino in inodes for p in blobs.iterdir()) == 3
+
+    assert api.delete(f"/v1/files/{first['id']}").json()["deleted"] is True
+    assert api.get(f"/v1/files/{first['id']}").status_code == 404
+    assert api.get(f"/v1/files/{second['id']}/content").content == content
+    assert api.get(f"/v1/files/{renamed['id']}/content").content == content
+    assert paths[1].stat().st_nlink == 2
+    assert upload(api, content + b"\n", "twin.jsonl")["id"] not in {p.name for p in paths}
+
+    api.delete(f"/v1/files/{second['id']}")
+    assert api.get(f"/v1/files/{renamed['id']}/content").content == content
+    api.delete(f"/v1/files/{renamed['id']}")
+    assert not any(p.exists() for p in paths)
+    assert all(p.read_bytes() != content for p in blobs.iterdir() if p.is_file())
 
 
 def test_sample_types_and_line_counts(api: httpx.Client) -> None:

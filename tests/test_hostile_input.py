@@ -56,9 +56,9 @@ def still_serves(server: Server) -> Iterator[None]:
     """After each test: the process lives and answers a normal chat request."""
     yield
     assert server.process.poll() is None, f"the server died:\n{server.log()[-3000:]}"
-    r = httpx.post(server.url + PATHS["chat"], json=CHAT, timeout=60)
+    r = httpx.post(server.url + PATHS["chat"], json={**CHAT, "min_tokens": 2}, timeout=60)
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"]
+    assert r.json()["usage"]["completion_tokens"] == 2  # (sampled text may be blank)
 
 
 def send(server: Server, path: str, raw: str | bytes) -> httpx.Response:
@@ -270,6 +270,53 @@ def _tool(name: str = "f", parameters: dict | None = None) -> dict:
 def test_caps_are_422_naming_the_field(server: Server, body: dict, loc: list) -> None:
     r = httpx.post(server.url + PATHS["chat"], json={**CHAT, **body}, timeout=60)
     assert_422_naming(r, loc)
+
+
+def _messages(n: int) -> list[dict]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(n)]
+
+
+TEXT_OVER = "x" * (limits.PROMPT_MAX_CHARS + 1)
+HALF_TEXT = "x" * (limits.PROMPT_MAX_CHARS // 2 + 1)
+
+
+@pytest.mark.parametrize("kind, body, loc", [
+    ("chat", {"messages": _messages(limits.CHAT_MAX_MESSAGES + 1)}, ["messages"]),
+    ("chat", {"messages": [{"role": "user", "content": TEXT_OVER}]}, ["messages", 0]),
+    ("chat", {"messages": [{"role": "system", "content": HALF_TEXT}, {"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": HALF_TEXT}]}]}, ["messages", 1]),
+    ("chat", {"messages": [*HELLO, {"role": "assistant", "tool_calls": [{"function": {
+        "name": "f", "arguments": TEXT_OVER}}]}]}, ["messages", 1]),
+    ("fim", {"prompt": TEXT_OVER}, ["prompt"]),
+    ("fim", {"suffix": TEXT_OVER}, ["suffix"]),
+], ids=["message-count", "message-text", "text-in-all", "tool-call-arguments", "fim-prompt",
+        "fim-suffix"])
+def test_prompt_caps_are_422_naming_the_field(server: Server, kind: str, body: dict,
+                                              loc: list) -> None:
+    r = httpx.post(server.url + PATHS[kind], json={**BASES[kind], **body}, timeout=60)
+    detail = assert_422_naming(r, loc)
+    assert len(r.content) < 2000, detail  # the input is not echoed back whole
+
+
+def test_100000_messages_are_a_quick_422(server: Server) -> None:
+    content = json.dumps({**CHAT, "messages": _messages(100_000)}).encode()
+    started = time.monotonic()
+    r = send(server, PATHS["chat"], content)
+    elapsed = time.monotonic() - started
+    detail = assert_422_naming(r, ["messages"])
+    assert str(limits.CHAT_MAX_MESSAGES) in detail[0]["msg"]
+    assert elapsed < 2, f"{elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("kind, body", [
+    ("chat", {"messages": _messages(limits.CHAT_MAX_MESSAGES - 1)}),
+    ("fim", {"prompt": "x" * limits.PROMPT_MAX_CHARS}),
+], ids=["messages", "fim-prompt"])
+def test_prompts_at_the_caps_pass_the_protocol(server: Server, kind: str, body: dict) -> None:
+    """Not refused by the caps: the model's context (8,192 tokens) is what refuses them."""
+    r = httpx.post(server.url + PATHS[kind], json={**BASES[kind], **body}, timeout=120)
+    assert r.status_code == 400, r.text
+    assert "context length" in r.json()["message"], r.text
 
 
 @pytest.mark.parametrize("input_, words", [

@@ -80,6 +80,50 @@ def test_blob_is_invisible_until_committed(tmp_path: Path) -> None:
         store.path("../secret.key")  # type: ignore[arg-type]
 
 
+def _add(files: FileStore, content: bytes, expiry_hours: int | None = None) -> uuid.UUID:
+    writer = files.blobs.writer()
+    writer.write(content)
+    return uuid.UUID(files.add(writer, "same.jsonl", "fine-tune", "workspace", None,
+                               expiry_hours).id)
+
+
+def test_files_with_the_same_bytes_share_one_blob_and_expire_alone(tmp_path: Path) -> None:
+    database = open_database(None, tmp_path)
+    files = FileStore(database, tmp_path)
+    content = b'{"text": "shared"}\n'
+    expiring, kept = _add(files, content, expiry_hours=1), _add(files, content)
+    assert files.path(expiring).stat().st_ino == files.path(kept).stat().st_ino
+    with sqlite3.connect(tmp_path / "sirocco.db") as conn:
+        conn.execute("UPDATE files SET expires_at = 1 WHERE id = ?", (str(expiring),))
+    assert files.delete_expired() == 1
+    files.recover()
+    assert files.get(expiring) is None and not files.path(expiring).exists()
+    assert files.get(kept) is not None and files.path(kept).read_bytes() == content
+    assert [p.name for p in files.blobs.root.iterdir()] == [str(kept)]
+    database.close()
+
+
+def test_bytes_are_written_when_they_cannot_be_shared(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    database = open_database(None, tmp_path)
+    files = FileStore(database, tmp_path)
+    content = b'{"text": "copied"}\n'
+    first = _add(files, content)
+    files.blobs.delete(first)  # a twin whose blob went away meanwhile
+    second = _add(files, content)
+    assert files.path(second).read_bytes() == content
+
+    def no_hard_links(*args: object, **kwargs: object) -> None:
+        raise PermissionError("this file system has no hard links")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    third = _add(files, content)
+    assert files.path(third).read_bytes() == content
+    assert files.path(third).stat().st_ino != files.path(second).stat().st_ino
+    assert not any(p.name.startswith(".tmp-") for p in files.blobs.root.iterdir())
+    database.close()
+
+
 def _queue(tmp_path: Path) -> JobQueue:
     return JobQueue(open_database(None, tmp_path))
 

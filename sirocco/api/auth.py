@@ -2,7 +2,9 @@
 
 With keys configured, a request needs `Authorization: Bearer <key>` matching one of
 them; keys are compared in constant time and never logged. With no key the server is
-open (the startup log says so).
+open (the startup log says so). The check runs twice: in `RequestGuard` (sirocco/api/guard.py),
+from the headers alone before any body byte is read, and as the routes' dependency, which
+is what `/docs` shows.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ def key_matches(given: str, keys: list[str]) -> bool:
     return matched
 
 
+def authorization_ok(header: str | None, keys: list[str]) -> bool:
+    """Whether an `Authorization` header value carries one of `keys` as a bearer token."""
+    if not keys:
+        return True
+    scheme, _, token = (header or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and key_matches(token.strip(), keys)
+
+
 async def require_api_key(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
 ) -> None:
     """FastAPI dependency: 401 unless auth is off or the bearer key is valid."""
     keys = request.app.state.sirocco.settings.api_keys
-    if not keys:
-        return
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise HTTPException(status_code=401, detail="Unauthorized")
-    if not key_matches(credentials.credentials, keys):
+    if not authorization_ok(request.headers.get("authorization"), keys):
         raise HTTPException(status_code=401, detail="Unauthorized")

@@ -3,7 +3,9 @@
 The stream follows mistral-api.md 3.6: a first delta `{"role":"assistant","content":""}`,
 content deltas with `"finish_reason": null` written out, a last chunk per choice with its
 finish_reason (and usage on the very last), then `data: [DONE]`. Tool calls arrive whole
-in one delta. A client that goes away aborts its generation.
+in one delta. A client that goes away aborts its generation, streamed or not: while a
+non-streamed answer is collected (or a stream waits for its first token) the ASGI receive
+channel is watched for `http.disconnect`, and the engine requests are aborted when it comes.
 
 `prompt_logprobs: true` adds to each choice `"prompt_logprobs": {"content": [...]}`, shaped
 like `logprobs` (token, logprob, bytes, token_id, top_logprobs with `top_prompt_logprobs`
@@ -15,13 +17,14 @@ then sent once the choice's first token is known rather than before generation s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from sirocco.api.errors import APIError
 from sirocco.api.state import ServerState, get_state
@@ -38,9 +41,10 @@ from sirocco.protocol.chat import (
     ChatCompletionResponse,
     FIMCompletionRequest,
 )
-from sirocco.serving.completions import prepare_chat, prepare_fim
+from sirocco.serving.completions import prepare_chat_off_loop, prepare_fim_off_loop
 from sirocco.serving.generation import ChoiceDelta, GenerationJob, Usage, run_generation
 from sirocco.serving.registry import ServedModel
+from sirocco.serving.request_log import RequestRecord, request_id_of
 
 router = APIRouter(tags=["completions"])
 
@@ -54,15 +58,16 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def chat_completions(
-    request: ChatCompletionRequest, state: ServerState = Depends(get_state)
+    request: ChatCompletionRequest, raw: Request, state: ServerState = Depends(get_state)
 ) -> Any:
-    served, job = prepare_chat(request, state.registry, state.settings.max_n)
+    record = RequestRecord(request_id_of(raw), "chat", request.model)
+    served, job = await prepare_chat_off_loop(request, state.registry, state.settings.max_n)
     # Mistral sends usage on the last chunk; OpenAI's stream_options.include_usage asks
     # for a final chunk with no choices that carries it (and false for none at all).
     usage_mode = "last"
     if request.stream_options is not None:
         usage_mode = "separate" if request.stream_options.include_usage else "none"
-    return await _answer(served, job, request.model, request.stream, usage_mode)
+    return await _answer(raw, served, job, request.model, request.stream, usage_mode, record)
 
 
 @router.post(
@@ -72,29 +77,92 @@ async def chat_completions(
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def fim_completions(
-    request: FIMCompletionRequest, state: ServerState = Depends(get_state)
+    request: FIMCompletionRequest, raw: Request, state: ServerState = Depends(get_state)
 ) -> Any:
-    served, job = prepare_fim(request, state.registry)
-    return await _answer(served, job, request.model, request.stream, "last")
+    record = RequestRecord(request_id_of(raw), "fim", request.model)
+    served, job = await prepare_fim_off_loop(request, state.registry)
+    return await _answer(raw, served, job, request.model, request.stream, "last", record)
+
+
+#: What `_unless_disconnected` returns when the client went away first.
+_GONE = object()
+#: The status logged (never seen: nobody is listening) for a request whose client left,
+#: as nginx logs it.
+CLIENT_CLOSED = 499
 
 
 async def _answer(
-    served: ServedModel, job: GenerationJob, model: str, stream: bool, usage_mode: str
+    raw: Request, served: ServedModel, job: GenerationJob, model: str, stream: bool,
+    usage_mode: str, record: RequestRecord,
 ) -> Any:
     usage = Usage()
+    record.response_id = job.request_id
+    status, streaming = 500, False  # (500 unless it ends otherwise: an unexpected error)
     try:
         served.engine.check_admission(len(job.params))
         deltas = run_generation(served.engine, served.tokenizer, job, usage)
-        first = await anext(deltas, None)  # engine errors (too long, ...) surface as a 4xx
         if stream:
+            # engine errors (too long, ...) surface with the first delta, as a 4xx
+            first = await _unless_disconnected(raw, anext(deltas, None))
+            if first is _GONE:
+                status = CLIENT_CLOSED
+                return Response(status_code=status)
+            streaming = True  # the stream's end writes the log line
             return StreamingResponse(
-                _sse(job, model, first, deltas, usage, usage_mode),
+                _sse(job, model, first, deltas, usage, usage_mode, record),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        return JSONResponse(await _collect(job, model, first, deltas, usage))
+        body = await _unless_disconnected(raw, _collect(job, model, deltas, usage))
+        if body is _GONE:
+            status = CLIENT_CLOSED
+            return Response(status_code=status)
+        record.finish = {c["index"]: c["finish_reason"] for c in body["choices"]}
+        response = await asyncio.to_thread(JSONResponse, body)  # (logprobs: big bodies)
+        status = 200
+        return response
     except (EngineError, RequestFailed, EngineDeadError) as exc:
-        return _engine_error(exc, model)
+        response = _engine_error(exc, model)
+        status = response.status_code
+        return response
+    finally:
+        if not streaming:
+            _log_usage(record, usage)
+            record.done(status)
+
+
+def _log_usage(record: RequestRecord, usage: Usage) -> None:
+    record.count(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                 usage.first_token_at)
+
+
+async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
+    """The result of `awaitable`, or `_GONE` (with it cancelled) if the client leaves first.
+
+    Cancelling the collection closes `run_generation`, which aborts the engine requests:
+    their KV blocks are freed before the next step.
+    """
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.create_task(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # this handler itself is cancelled: stop both
+        work.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return _GONE
+    return work.result()
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Return once the client has gone away. The body is read by now, so the next ASGI
+    message is `http.disconnect` (or, for an unread body, more of it: skipped)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _engine_error(exc: Exception, model: str) -> JSONResponse:
@@ -120,7 +188,6 @@ def _engine_error(exc: Exception, model: str) -> JSONResponse:
 async def _collect(
     job: GenerationJob,
     model: str,
-    first: ChoiceDelta | None,
     deltas: AsyncIterator[ChoiceDelta],
     usage: Usage,
 ) -> dict[str, Any]:
@@ -130,8 +197,7 @@ async def _collect(
     prompt_logprobs: list[list[dict]] = [[] for _ in range(n)]
     calls: list[Any] = [None] * n
     finish: list[str] = ["error"] * n
-    pending = [first] if first else []
-    async for delta in _chain(pending, deltas):
+    async for delta in deltas:
         content[delta.index] += delta.content
         logprobs[delta.index].extend(delta.logprobs)
         if delta.prompt_logprobs is not None:
@@ -192,6 +258,7 @@ async def _sse(
     deltas: AsyncIterator[ChoiceDelta],
     usage: Usage,
     usage_mode: str,
+    record: RequestRecord,
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
     n = len(job.params)
@@ -220,6 +287,7 @@ async def _sse(
         return chunk([choice])
 
     opened: set[int] = set()
+    complete = False  # (not once the client has left mid-stream)
     try:
         if not job.prompt_logprobs:  # else each choice opens with its first delta
             for i in range(n):
@@ -245,6 +313,7 @@ async def _sse(
                     choice["logprobs"] = {"content": delta.logprobs}
                 last = False
                 if delta.finish_reason:
+                    record.finish[delta.index] = delta.finish_reason
                     finished.add(delta.index)
                     open_choices -= 1
                     last = open_choices == 0
@@ -253,6 +322,7 @@ async def _sse(
             # The contract has no error event: every open choice ends with finish_reason
             # "error", and an SSE comment (which clients skip) says why.
             for i in sorted(set(range(n)) - finished):
+                record.finish[i] = "error"
                 open_choices -= 1
                 last = open_choices == 0
                 yield chunk([{"index": i, "delta": {}, "finish_reason": "error"}],
@@ -261,5 +331,8 @@ async def _sse(
         if usage_mode == "separate":
             yield chunk([], usage.wire())
         yield b"data: [DONE]\n\n"
+        complete = True
     finally:
         await deltas.aclose()
+        _log_usage(record, usage)
+        record.done(200 if complete else CLIENT_CLOSED)

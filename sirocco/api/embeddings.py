@@ -33,19 +33,22 @@ tokens included.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import uuid
 
 import numpy as np
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 
 from sirocco.api.errors import bad_request, invalid_model
 from sirocco.api.state import get_registry
-from sirocco.models.encoder import InputTooLong
+from sirocco.models.encoder import Embeddings, InputTooLong
 from sirocco.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from sirocco.protocol.errors import ErrorResponse
 from sirocco.serving.registry import ModelRegistry, UnknownModel
+from sirocco.serving.request_log import RequestRecord, request_id_of
 
 router = APIRouter(tags=["embeddings"])
 
@@ -89,9 +92,10 @@ def encode_rows(rows: np.ndarray, encoding_format: str) -> list[list[float] | li
                      "description": "unknown model, output_dimension too large, input too long"}},
 )
 async def create_embeddings(
-    request: EmbeddingRequest, registry: ModelRegistry = Depends(get_registry)
-) -> JSONResponse:
+    request: EmbeddingRequest, raw: Request, registry: ModelRegistry = Depends(get_registry)
+) -> Response:
     """Embed one text or a list of texts with an embedding model such as `mistral-embed`."""
+    record = RequestRecord(request_id_of(raw), "embeddings", request.model)
     try:
         served = registry.get(request.model)
     except UnknownModel:
@@ -110,16 +114,30 @@ async def create_embeddings(
         raise bad_request(f"input {exc.index} is {exc.num_tokens} tokens long, but {served.id} "
                           f"takes at most {exc.max_tokens} tokens per input",
                           param="input") from None
+    # Shaping and JSON of thousands of vectors is CPU work: off the event loop.
+    record.response_id = uuid.uuid4().hex
+    response = await asyncio.to_thread(_response, request, result, record.response_id)
+    record.count(sum(result.num_tokens))
+    record.done(200)
+    return response
+
+
+def _response(request: EmbeddingRequest, result: Embeddings, response_id: str) -> Response:
+    """The answer's JSON, built by hand rather than validated through EmbeddingResponse
+    (millions of floats), one `json.dumps` per vector: a single dumps of thousands of
+    vectors would hold the GIL, and so stall the event loop, for a second."""
     vectors = reduce_dimension(result.vectors.numpy(), request.output_dimension)
     rows = encode_rows(quantize(vectors, request.output_dtype), request.encoding_format)
     prompt_tokens = sum(result.num_tokens)
-    # Built by hand rather than validated through EmbeddingResponse: thousands of floats.
-    return JSONResponse({
-        "id": uuid.uuid4().hex,
+    head = json.dumps({
+        "id": response_id,
         "object": "list",
         "model": request.model,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
                   "total_tokens": prompt_tokens},
-        "data": [{"object": "embedding", "embedding": row, "index": i}
-                 for i, row in enumerate(rows)],
-    })
+    }, separators=(",", ":"))
+    items = [json.dumps({"object": "embedding", "embedding": row, "index": i},
+                        separators=(",", ":"), allow_nan=False)
+             for i, row in enumerate(rows)]
+    body = head[:-1] + ',"data":[' + ",".join(items) + "]}"
+    return Response(body.encode(), media_type="application/json")

@@ -11,6 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Annotated
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -50,7 +51,7 @@ router = APIRouter(tags=["files"])
 signed_router = APIRouter(tags=["files"])
 
 #: Room for the multipart envelope and the small form fields around the file part.
-_ENVELOPE_ALLOWANCE = 64 * 1024
+ENVELOPE_ALLOWANCE = 64 * 1024
 _MAX_FIELD_SIZE = 4096
 _FORM_FIELDS = ("purpose", "visibility", "expiry")
 
@@ -73,7 +74,7 @@ def file_schema(record: FileRecord) -> dict:
     )
 
 
-def _too_large(limit: int) -> APIError:
+def upload_too_large(limit: int) -> APIError:
     return APIError(413, f"the file is larger than this server's upload limit of {limit} bytes "
                     "(sirocco serve --max-upload-size)", type="invalid_request_error",
                     param="file", code="file_too_large")
@@ -215,9 +216,6 @@ async def upload_file(request: Request,
     if ctype != b"multipart/form-data" or not boundary:
         raise APIError(400, "upload the file as multipart/form-data with a `file` part",
                        param="file")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + _ENVELOPE_ALLOWANCE:
-        raise _too_large(limit)
     upload = _Upload(store=store, max_size=limit)
     parser = MultipartParser(boundary, upload.callbacks())
     stream = request.stream()
@@ -228,8 +226,8 @@ async def upload_file(request: Request,
         purpose, visibility, expiry = _form_values(upload)
     except BlobTooLarge:
         upload.abort()
-        await _drain(stream, limit + _ENVELOPE_ALLOWANCE)
-        raise _too_large(limit) from None
+        await _drain(stream, limit + ENVELOPE_ALLOWANCE)
+        raise upload_too_large(limit) from None
     except ClientDisconnect:
         upload.abort()  # a killed upload leaves nothing behind
         raise APIError(400, "the upload was interrupted before it ended", param="file") from None
@@ -325,14 +323,16 @@ def get_signed_url(
     request: Request,
     expiry: Annotated[int, Query(ge=1, le=SIGNED_URL_EXPIRY_MAX_HOURS,
                                  description="hours, 1 to 168")] = 24,
+    state: ServerState = Depends(get_state),
 ) -> GetSignedUrlResponse:
     """A URL that downloads the file without the API key until it expires."""
     store = get_file_store(request)
     _existing(store, file_id)
     expires = int(time.time()) + expiry * 3600
-    url = request.url_for("download_signed_file", file_id=str(file_id)).include_query_params(
-        expires=expires, signature=store.sign(file_id, expires))
-    return GetSignedUrlResponse(url=str(url))
+    # from the configured base URL: a request's Host header must not choose the link's host
+    path = request.app.url_path_for("download_signed_file", file_id=str(file_id))
+    query = urlencode({"expires": expires, "signature": store.sign(file_id, expires)})
+    return GetSignedUrlResponse(url=f"{state.settings.base_url}{path}?{query}")
 
 
 @signed_router.get("/signed/files/{file_id}", summary="Download a file by signed URL",

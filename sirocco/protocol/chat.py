@@ -12,10 +12,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from sirocco.protocol.limits import (
+    CHAT_MAX_MESSAGES,
     LOGIT_BIAS_MAX_ENTRIES,
+    PROMPT_MAX_CHARS,
     STOP_MAX_CHARS,
     STOP_MAX_COUNT,
     TOOLS_MAX,
@@ -23,6 +33,7 @@ from sirocco.protocol.limits import (
     Int64,
     LogitBias,
     PositiveCount,
+    PromptText,
     Seed,
     StopList,
     StopString,
@@ -177,6 +188,24 @@ Message = Annotated[
 ]
 
 
+def text_chars(message: Message) -> int:
+    """Characters of text in `message` that the tokenizer reads: its content strings, text
+    and thinking chunks, and tool-call arguments sent as strings."""
+    chars = 0
+    content = message.content
+    if isinstance(content, str):
+        chars += len(content)
+    for chunk in content if isinstance(content, list) else ():
+        if isinstance(chunk, TextChunk):
+            chars += len(chunk.text)
+        elif isinstance(chunk, ThinkChunk):
+            chars += sum(len(c.text) for c in chunk.thinking if isinstance(c, TextChunk))
+    for call in getattr(message, "tool_calls", None) or ():
+        if isinstance(call.function.arguments, str):
+            chars += len(call.function.arguments)
+    return chars
+
+
 # -- request options ------------------------------------------------------------------
 
 
@@ -266,7 +295,9 @@ class SamplingFields(Strict):
 class ChatCompletionRequest(SamplingFields):
     """`POST /v1/chat/completions`, both dialects."""
 
-    messages: Annotated[list[Message], Field(min_length=1)]
+    messages: Annotated[list[Message], Field(min_length=1, max_length=CHAT_MAX_MESSAGES)] = (
+        Field(description=f"at most {CHAT_MAX_MESSAGES} messages holding at most "
+                          f"{PROMPT_MAX_CHARS} characters of text in all"))
     response_format: ResponseFormat | None = None
     tools: Annotated[list[Tool], Field(max_length=TOOLS_MAX)] | None = None
     tool_choice: ToolChoiceEnum | ToolChoice = "auto"
@@ -298,12 +329,39 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_messages(cls, data: Any) -> Any:
+        # Before any walk of the body (the lone-surrogate check is one): 100,000 messages
+        # are refused at once, not after looking at each.
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if isinstance(messages, list) and len(messages) > CHAT_MAX_MESSAGES:
+            error = PydanticCustomError(
+                "too_long", "List should have at most {max_length} items, not {actual_length}",
+                {"max_length": CHAT_MAX_MESSAGES, "actual_length": len(messages)})
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                type=error, loc=("messages",), input=messages)])
+        return data
+
+    @model_validator(mode="after")
+    def _bounded_text(self) -> ChatCompletionRequest:
+        total = 0
+        for i, message in enumerate(self.messages):
+            total += text_chars(message)
+            if total > PROMPT_MAX_CHARS:
+                error = PydanticCustomError(
+                    "too_long", "the messages hold more than {limit} characters of text in "
+                    "all (passed at this message)", {"limit": PROMPT_MAX_CHARS})
+                raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                    type=error, loc=("messages", i), input=f"{total} characters")])
+        return self
+
 
 class FIMCompletionRequest(SamplingFields):
     """`POST /v1/fim/completions`: code before (`prompt`) and after (`suffix`) the cursor."""
 
-    prompt: str
-    suffix: str | None = ""
+    prompt: PromptText = Field(description=f"at most {PROMPT_MAX_CHARS} characters")
+    suffix: PromptText | None = Field("", description=f"at most {PROMPT_MAX_CHARS} characters")
 
 
 # -- responses ------------------------------------------------------------------------

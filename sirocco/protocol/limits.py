@@ -41,6 +41,14 @@ LOGIT_BIAS_MAX = 100
 #: Tools per request (OpenAI's cap).
 TOOLS_MAX = 128
 
+#: Chat messages per request: more than any conversation that fits a context (each
+#: message costs a few tokens of template), few enough to validate in a moment.
+CHAT_MAX_MESSAGES = 10_000
+#: Characters of text for the model: a FIM `prompt` and `suffix` each, and a chat
+#: request's messages in all. Above the largest Mistral context (256k tokens, about a
+#: million characters), and a bound on the tokenizer's work (2M characters: ~4 s).
+PROMPT_MAX_CHARS = 2_000_000
+
 #: A JSON schema (`response_format.json_schema.schema`, a tool's `parameters`): its size
 #: in bytes of compact JSON, and its depth in nested objects and arrays, with local
 #: `$ref`s followed (a `$ref` counts as the schema it points to). The grammar compiler
@@ -78,6 +86,7 @@ FILE_WEIGHT_MAX = 1_000_000
 Count = Annotated[int, Field(ge=0, le=COUNT_MAX)]
 PositiveCount = Annotated[int, Field(ge=1, le=COUNT_MAX)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+PromptText = Annotated[str, Field(max_length=PROMPT_MAX_CHARS)]
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 StopString = Annotated[str, Field(max_length=STOP_MAX_CHARS)]
 StopList = Annotated[list[StopString], Field(max_length=STOP_MAX_COUNT)]

@@ -3,13 +3,22 @@
 This is where the service decides: which model, how the conversation is encoded, which
 fields map to which engine parameter, and which requests are refused with a 4xx. It
 knows the wire models but not HTTP; errors are `APIError`s the router answers as-is.
+
+The work is CPU-bound (chat templates, tokenizing, grammar compilation: seconds for a
+huge request), so routers call `prepare_chat_off_loop` / `prepare_fim_off_loop`: the
+work runs in a worker thread, one request at a time per tokenizer (Hugging Face
+tokenizers flip state on each encode and must not be called from two threads at once),
+and the waiting is done on the event loop, so no worker thread sits blocked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from typing import Any
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sirocco.api.errors import APIError, bad_request, invalid_model
 from sirocco.engine import EngineError, SamplingParams
@@ -34,7 +43,7 @@ from sirocco.structured import (
     no_tool_calls,
     tool_call,
 )
-from sirocco.tokenizers.base import FIMNotSupported, TokenizerError
+from sirocco.tokenizers.base import FIMNotSupported, Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,35 @@ SAFE_PROMPT = (
     "fairness and positivity."
 )
 DEFAULT_TEMPERATURE = 0.7
+
+
+T = TypeVar("T")
+
+_encoding_locks: weakref.WeakKeyDictionary[Tokenizer, asyncio.Lock] = (
+    weakref.WeakKeyDictionary())
+
+
+async def _off_loop(tokenizer: Tokenizer, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a worker thread, while no other request uses `tokenizer`."""
+    lock = _encoding_locks.get(tokenizer)
+    if lock is None:
+        lock = _encoding_locks[tokenizer] = asyncio.Lock()
+    async with lock:
+        return await asyncio.to_thread(fn, *args)
+
+
+async def prepare_chat_off_loop(request: ChatCompletionRequest, registry: ModelRegistry,
+                                max_n: int) -> tuple[ServedModel, GenerationJob]:
+    """`prepare_chat`, run off the event loop."""
+    served = resolve_generative(registry, request.model)
+    return await _off_loop(served.tokenizer, prepare_chat, request, registry, max_n)
+
+
+async def prepare_fim_off_loop(request: FIMCompletionRequest, registry: ModelRegistry
+                               ) -> tuple[ServedModel, GenerationJob]:
+    """`prepare_fim`, run off the event loop."""
+    served = resolve_generative(registry, request.model)
+    return await _off_loop(served.tokenizer, prepare_fim, request, registry)
 
 
 def resolve_generative(registry: ModelRegistry, name: str) -> ServedModel:
@@ -184,14 +222,15 @@ def wire_tools(request: ChatCompletionRequest) -> list[dict[str, Any]] | None:
 # -- sampling -------------------------------------------------------------------------
 
 
-def _base_params(request: SamplingFields, served: ServedModel, prompt_len: int) -> dict:
+def _base_params(request: SamplingFields, served: ServedModel, prompt_len: int,
+                 prompt_field: str = "messages") -> dict:
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
     limit = served.max_context_length
     if prompt_len >= limit:
         raise bad_request(
             f"the prompt is {prompt_len} tokens, but model {served.id!r} has a "
             f"context length of {limit} tokens",
-            "messages",
+            prompt_field,
         )
     if max_tokens is not None and prompt_len + max_tokens > limit:
         raise bad_request(
@@ -340,7 +379,7 @@ def prepare_fim(
         ) from None
     except TokenizerError as exc:
         raise bad_request(str(exc), "prompt") from None
-    base = _base_params(request, served, len(prompt))
+    base = _base_params(request, served, len(prompt), "prompt")
     params = [SamplingParams(**base, seed=request.random_seed)]
     job = GenerationJob(new_completion_id(), prompt, params, request.stop_strings(),
                         adapter=served.id if served.fine_tuned else None)

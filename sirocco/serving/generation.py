@@ -10,6 +10,7 @@ from token ids, finish reasons and usage.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -56,9 +57,13 @@ class ChoiceDelta:
 
 @dataclass(slots=True)
 class Usage:
+    """Token counts of a request as the wire reports them, and when its first token came
+    (`time.monotonic()`, for the request's log line; not on the wire)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    first_token_at: float | None = None
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -148,24 +153,44 @@ class _ChoiceText:
                     break
         return longest
 
-    def finish(self) -> tuple[str, list[ToolCall] | None]:
-        """At the end: the rest of the content, and the tool calls, if any."""
+    def finish(self, cut_off: bool = False) -> tuple[str, list[ToolCall] | None]:
+        """At the end: the rest of the content, and the tool calls, if any.
+
+        An output `cut_off` by max_tokens or the context loses its unfinished last call:
+        it is neither a call nor content (no half markup ever reaches the client)."""
         if self.stopped:
             return "", None
         self.detok.flush()
         if self.tools_enabled and self.in_tool_call:
-            parsed = self.tokenizer.parse_output(self.detok.token_ids, tools_enabled=True)
+            ids = self.detok.token_ids
+            parsed = self.tokenizer.parse_output(ids, tools_enabled=True)
+            if cut_off:
+                before_last = self.tokenizer.parse_output(ids[:self._call_starts()[-1]],
+                                                          tools_enabled=True)
+                if len(before_last.tool_calls) >= len(parsed.tool_calls):
+                    parsed = before_last  # the last call did not parse: it was cut
             if parsed.tool_calls:
                 if not self.parallel_tool_calls:
                     del parsed.tool_calls[1:]
                 for call in parsed.tool_calls:
                     call.id = call.id if _valid_call_id(call.id) else new_tool_call_id()
                 return self._emit_until(len(parsed.content), parsed.content), parsed.tool_calls
-            return self._emit_until(len(self.detok.text), self.detok.text), None
+            text = parsed.content if cut_off else self.detok.text
+            return self._emit_until(len(text), text), None
         text = self.detok.text
         return self._emit_safe(text) if self.stop_strings else self._emit_until(
             len(text), text
         ), None
+
+    def _call_starts(self) -> list[int]:
+        """Token index where each tool call of the output begins."""
+        ids = self.detok.token_ids
+        starts: list[int] = []
+        offset = 0
+        while (found := self.tokenizer.tool_call_start(ids[offset:])) is not None:
+            starts.append(offset + found)
+            offset += found + 1
+        return starts
 
 
 def _valid_call_id(call_id: str | None) -> bool:
@@ -197,6 +222,8 @@ async def run_generation(
                     usage.cached_tokens = out.num_cached_tokens
                 for choice in out.outputs:
                     usage.completion_tokens += len(choice.new_token_ids)
+                    if usage.first_token_at is None and choice.new_token_ids:
+                        usage.first_token_at = time.monotonic()
                     delta = ChoiceDelta(index=index, content=text.push(choice.new_token_ids))
                     if job.logprobs and choice.new_logprobs:
                         delta.logprobs = [
@@ -211,11 +238,14 @@ async def run_generation(
                         await queue.put(delta)
                         return  # leaving the stream aborts this choice in the engine
                     if choice.finish_reason is not None:
-                        rest, calls = text.finish()
+                        # A cut-off answer says so, even when it holds complete calls.
+                        cut_off = choice.finish_reason in ("length", "model_length")
+                        rest, calls = text.finish(cut_off)
                         delta.content += rest
                         delta.tool_calls = calls
                         delta.finish_reason = (
-                            "tool_calls" if calls else _wire_reason(choice.finish_reason)
+                            "tool_calls" if calls and not cut_off
+                            else _wire_reason(choice.finish_reason)
                         )
                     if (delta.content or delta.logprobs or delta.finish_reason
                             or delta.prompt_logprobs is not None):

@@ -4,6 +4,10 @@ A blob is written to a temporary file in the same directory, fsynced, then renam
 its final name, so a reader sees the whole blob or none of it, and a crash mid-write
 leaves only a `.tmp-*` file that the next start removes. Names are UUIDs the server
 chose; no client value ever becomes part of a path.
+
+Identical bytes are stored once: a blob may be a hard link to another (`link`), so
+deleting one name never touches the bytes another name still holds, and the bytes go
+when the last name does.
 """
 
 from __future__ import annotations
@@ -106,6 +110,16 @@ class BlobStore:
 
     def writer(self, max_size: int | None = None) -> BlobWriter:
         return BlobWriter(self, max_size)
+
+    def link(self, source_id: uuid.UUID, blob_id: uuid.UUID) -> bool:
+        """Make `blob_id` a second name of `source_id`'s bytes; False if that cannot be done
+        (the source is gone, or the file system has no hard links): then write a copy."""
+        try:
+            os.link(self.path(source_id), self.path(blob_id))
+        except OSError:
+            return False
+        _fsync_dir(self.root)
+        return True
 
     def exists(self, blob_id: uuid.UUID) -> bool:
         return self.path(blob_id).is_file()

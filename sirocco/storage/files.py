@@ -141,21 +141,16 @@ class FileStore:
 
     def add(self, writer: BlobWriter, filename: str, purpose: str, visibility: str,
             declared_mimetype: str | None, expiry_hours: int | None) -> FileRecord:
-        """Store what `writer` holds, or return the file with the same name and bytes."""
+        """Store what `writer` holds as a new file with its own id and metadata; bytes
+        that are already stored are shared with the file that holds them, not written twice."""
         filename = clean_filename(filename)
         digest = writer.sha256.hexdigest()
         try:
             writer.flush()
-            with self.db.session() as s:
-                existing = s.scalars(select(FileRecord).where(
-                    FileRecord.filename == filename, FileRecord.sha256 == digest,
-                    or_(FileRecord.expires_at.is_(None),
-                        FileRecord.expires_at > int(time.time())),
-                ).order_by(FileRecord.created_at)).first()
-            if existing is not None and self.blobs.exists(uuid.UUID(existing.id)):
-                writer.abort()
-                return existing
             info = inspect_content(writer.temp_path, filename, purpose)
+            with self.db.session() as s:
+                twin = s.scalars(select(FileRecord.id).where(
+                    FileRecord.sha256 == digest, FileRecord.bytes == writer.size).limit(1)).first()
         except BaseException:
             writer.abort()
             raise
@@ -169,7 +164,11 @@ class FileStore:
             visibility=visibility, created_at=now, created_time=now_exact,
             expires_at=now + expiry_hours * 3600 if expiry_hours else None,
         )
-        writer.commit(file_id)
+        # The twin may be deleted meanwhile: then the link fails and the bytes are written.
+        if twin is not None and self.blobs.link(uuid.UUID(twin), file_id):
+            writer.abort()
+        else:
+            writer.commit(file_id)
         try:
             with self.db.session() as s:
                 s.add(record)

@@ -18,7 +18,8 @@ class Base(DeclarativeBase):
 
 
 class FileRecord(Base):
-    """One uploaded file; its bytes are the blob named after `id`."""
+    """One uploaded file; its bytes are the blob named after `id` (a hard link when another
+    file holds the same bytes)."""
 
     __tablename__ = "files"
 

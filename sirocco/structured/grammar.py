@@ -10,6 +10,12 @@ Layout choices that make outputs look like what models were trained on:
 * JSON may start after up to 4 whitespace characters (SentencePiece tokens usually
   begin with a space) and, between its tokens, holds at most 20 whitespace characters
   (one newline and an indentation), so a model cannot loop on whitespace forever;
+* the arguments of a forced tool call are compact: spaced as `json.dumps` spaces them
+  (`", "` and `": "`, like the rest of the call) with no free whitespace, which small
+  models fill instead of closing the object;
+* end-of-sequence is allowed after each complete call; Hermes calls may also end with
+  one or two newlines after which only end-of-sequence may come (a model that writes
+  a blank line after its last call has finished, not begun another call);
 * tool calls are spelled exactly as each tokenizer's own encoding writes them:
   `[TOOL_CALLS] [{"name": "f", "arguments": {...}}, ...]` up to v7 (json.dumps spacing,
   each call optionally ending with the `"id"` mistral-common writes),
@@ -128,7 +134,7 @@ def _hermes_calls(functions: dict[str, str], parallel: bool,
     )
     more = ' ("\\n" call)*' if parallel else ""
     lines = [
-        f"start: call{more}",
+        f'start: call{more} ("\\n" "\\n"?)?',
         f'call: {opening} "\\n" body "\\n" {closing}',
         _alternatives("body", functions),
     ]
@@ -163,15 +169,20 @@ def _functions(tools: list[dict[str, Any]]) -> dict[str, str]:
         if parameters is None:  # no parameters: the function takes none
             parameters = {"type": "object", "properties": {}, "additionalProperties": False}
         strict = bool(function.get("strict", False))
-        functions[name] = _json_rule(parameters, strict, f"{where}.function.parameters")
+        functions[name] = _json_rule(parameters, strict, f"{where}.function.parameters",
+                                     compact=True)
     return functions
 
 
-def _json_rule(schema: Any, strict: bool, what: str) -> str:
-    """`%json {...}`: the schema inline, with the JSON layout options llguidance reads."""
+def _json_rule(schema: Any, strict: bool, what: str, compact: bool = False) -> str:
+    """`%json {...}`: the schema inline, with the JSON layout options llguidance reads.
+    `compact`: json.dumps spacing and no other whitespace (else bounded free whitespace)."""
     if not isinstance(schema, dict):
         raise InvalidSchema(f"{what} must be a JSON object, not {type(schema).__name__}")
-    options = {"whitespace_pattern": JSON_WHITESPACE, "lenient": not strict}
+    options: dict[str, Any] = {"whitespace_pattern": JSON_WHITESPACE, "lenient": not strict}
+    if compact:
+        options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+                   "lenient": not strict}
     try:
         text = json.dumps({**schema, "x-guidance": options}, allow_nan=False)
     except (TypeError, ValueError) as exc:
