@@ -161,13 +161,9 @@ class ModelRunner:
         dev = self.device
         pos = torch.tensor(positions, device=dev)
         if self.invariant_attention:
-            width = max(len(seq.block_table) for seq in batch.seqs)
-            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
-            seq_of = [i for i, n in enumerate(batch.num_new_tokens) for _ in range(n)]
-            layout = paged_attention.PagedLayout(
-                torch.tensor(tables, dtype=torch.int32),
-                torch.tensor(seq_of, dtype=torch.int32),
-                torch.tensor(positions, dtype=torch.int32))
+            layout = paged_attention.PagedLayout.build(
+                [s.block_table for s in batch.seqs], [s.num_computed_tokens for s in batch.seqs],
+                batch.num_new_tokens)
             attn = AttentionBatch([], torch.tensor(slots, device=dev), layout)
             return torch.tensor(input_ids, device=dev), pos, attn, sample_rows
         attn_groups = []

@@ -8,7 +8,8 @@ where they lie in the cache, without gathering each sequence's blocks into a pad
 
 The C file is compiled on first use with the system's C compiler (about a second) into
 a cache keyed by the source, the flags and the CPU, and called through ctypes, which
-releases the GIL; the rows are split between `torch.get_num_threads()` threads. Where no
+releases the GIL; the work items (a chunk of one sequence's queries, one KV head) are split
+between `torch.get_num_threads()` threads. Where no
 compiler is found, `available()` is False and the model keeps PyTorch's attention.
 """
 
@@ -32,7 +33,9 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-fast-math", "-std=c11"]
+CHUNK = 32  # queries of one sequence per work item (they share one transposed copy of keys)
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off",
+         "-fopenmp-simd", "-std=c11"]
 
 
 @dataclass
@@ -40,12 +43,31 @@ class PagedLayout:
     """Where each packed token's keys live: its sequence's row of `tables` and its position.
 
     tables: int32 [num_seqs, max_blocks] block tables (padded with 0, never read: a query
-        reads blocks up to its own position only); seq_of, pos_of: int32 [T].
+        reads blocks up to its own position only); seq_of, pos_of: int32 [T];
+    chunks: int32 [num_chunks + 1] token boundaries, each chunk of one sequence's tokens
+        (the kernel's unit of work: its queries share one copy of their keys).
     """
 
     tables: Tensor
     seq_of: Tensor
     pos_of: Tensor
+    chunks: Tensor
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], starts: list[int], counts: list[int],
+              chunk: int = CHUNK) -> PagedLayout:
+        """The layout of `counts[i]` new tokens of sequence i from position `starts[i]`."""
+        width = max(len(t) for t in block_tables)
+        tables = [t + [0] * (width - len(t)) for t in block_tables]
+        seq_of: list[int] = []
+        pos_of: list[int] = []
+        bounds = [0]
+        for i, (start, n) in enumerate(zip(starts, counts, strict=True)):
+            offset = len(seq_of)
+            seq_of += [i] * n
+            pos_of += range(start, start + n)
+            bounds += [*range(offset + chunk, offset + n, chunk), offset + n]
+        return cls(*(torch.tensor(v, dtype=torch.int32) for v in (tables, seq_of, pos_of, bounds)))
 
 
 def _cpu_signature() -> str:
@@ -87,7 +109,7 @@ def _library() -> ctypes.CDLL | None:
     library = ctypes.CDLL(str(target))
     fn = library.sirocco_paged_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 6 + [
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 6 + [
         ctypes.c_float]
     return library
 
@@ -112,17 +134,19 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout: PagedLa
     t, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     out = torch.empty_like(q)
-    rows = t * kv_heads
+    num_chunks = layout.chunks.shape[0] - 1
+    items = num_chunks * kv_heads
     args = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), layout.tables.data_ptr(),
-            layout.seq_of.data_ptr(), layout.pos_of.data_ptr(), out.data_ptr())
+            layout.seq_of.data_ptr(), layout.pos_of.data_ptr(), layout.chunks.data_ptr(),
+            out.data_ptr(), num_chunks)
     shape = (heads, kv_heads, head_dim, block_size, layout.tables.shape[1],
              sliding_window or 0, head_dim ** -0.5)
     fn = library.sirocco_paged_attention
-    threads = min(int(os.environ.get("SIROCCO_ATTN_THREADS", torch.get_num_threads())), rows)
+    threads = min(int(os.environ.get("SIROCCO_ATTN_THREADS", torch.get_num_threads())), items)
     if threads <= 1:
-        status = fn(*args, 0, rows, *shape)
+        status = fn(*args, 0, items, *shape)
     else:
-        bounds = [rows * i // threads for i in range(threads + 1)]
+        bounds = [items * i // threads for i in range(threads + 1)]
         futures = [_pool(threads).submit(fn, *args, lo, hi, *shape)
                    for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
         status = min(f.result() for f in futures)

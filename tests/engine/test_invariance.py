@@ -83,3 +83,42 @@ def test_logprobs_are_bitwise_the_same_cold_warm_chunked_and_batched(ckpt, reque
     assert [r[-12:] for r in recomputed] == alone
     assert _logprobs(make_engine(ckpt, max_num_batched_tokens=5), prompts, recompute,
                      before=others) == recomputed
+
+
+def _reference(q, k_cache, v_cache, table, pos, window):
+    """Attention of one query at `pos` in float64, from the slots of its block table."""
+    block = k_cache.shape[1]
+    lo = 0 if window is None else max(0, pos - window + 1)
+    slots = torch.tensor([table[j // block] * block + j % block for j in range(lo, pos + 1)])
+    k = k_cache.flatten(0, 1)[slots].double()  # [n, kv_heads, d]
+    v = v_cache.flatten(0, 1)[slots].double()
+    group = q.shape[0] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("hd,nhd->hn", q.double(), k) * q.shape[-1] ** -0.5
+    return torch.einsum("hn,nhd->hd", scores.softmax(-1), v)
+
+
+@pytest.mark.skipif(not paged_attention.available(torch.float32, torch.device("cpu")),
+                    reason="no C compiler: the model keeps PyTorch's attention")
+@pytest.mark.parametrize("head_dim, window", [(64, None), (48, 37)])
+def test_the_kernel_matches_attention_and_ignores_the_batch(head_dim, window):
+    torch.manual_seed(0)
+    heads, kv_heads, block = 6, 2, 16
+    k_cache = torch.randn(40, block, kv_heads, head_dim)
+    v_cache = torch.randn(40, block, kv_heads, head_dim)
+    tables = [[7, 3, 30, 12, 5, 22, 9, 1], [2, 11, 4], [39, 38, 37, 36, 35, 34, 33, 32, 31]]
+    # a prompt of 70 tokens from position 50 (three chunks), one decode at 20, one at 140
+    starts, counts = [50, 20, 140], [70, 1, 1]
+    layout = paged_attention.PagedLayout.build(tables, starts, counts)
+    assert layout.chunks.tolist() == [0, 32, 64, 70, 71, 72]
+    q = torch.randn(72, heads, head_dim)
+    out = paged_attention.paged_attention(q, k_cache, v_cache, layout, window)
+    rows = [(0, p) for p in range(50, 120)] + [(1, 20), (2, 140)]
+    for t, (seq, pos) in enumerate(rows):
+        expected = _reference(q[t], k_cache, v_cache, tables[seq], pos, window)
+        assert (out[t].double() - expected).abs().max() < 1e-5, (t, seq, pos)
+    # each query alone, and the prompt as one chunk of one token at a time: bitwise the same
+    for t, (seq, pos) in enumerate(rows):
+        alone = paged_attention.PagedLayout.build([tables[seq]], [pos], [1])
+        single = paged_attention.paged_attention(q[t:t + 1], k_cache, v_cache, alone, window)
+        assert torch.equal(single[0], out[t]), (t, seq, pos)

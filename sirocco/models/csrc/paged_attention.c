@@ -1,15 +1,23 @@
 /* Attention over the paged KV cache, float32, with one fixed order of arithmetic.
  *
- * Each query row is computed on its own from its position and its sequence's block table:
- * the dot products, the softmax sums and the weighted sum of values always run over keys
- * 0..pos (or the sliding window) in the same order, in the same lane layout. So a query's
- * output is bitwise the same whatever else is in the batch, however its prompt was split
- * into chunks, and whether its prefix came from the prefix cache or was computed in this
- * step: the invariance PyTorch's flash kernel does not give (it blocks queries and keys by
- * the shape of the batch).
+ * Every query is computed from its own position and its sequence's block table, and each
+ * of its numbers is a function of the key's position alone: a score is a chain of fused
+ * multiply-adds q[d] * k[d] over d in order; the softmax sum puts key j in lane j % 16 and
+ * adds the lanes in a fixed tree; the output is a chain of fused multiply-adds p_j * v_j in
+ * order of j. So a query's output is bitwise the same whatever else is in the batch, however
+ * its prompt was split into chunks, and whether its prefix came from the prefix cache or was
+ * computed in this step: the invariance PyTorch's flash kernel does not give (it blocks
+ * queries and keys by the shape of the batch).
  *
- * Built at run time by sirocco/models/paged_attention.py (plain C, no PyTorch headers). No
- * -ffast-math: the compiler may not reassociate the sums.
+ * Work is split in items (a chunk of up to a few dozen queries of one sequence, one KV head):
+ * an item copies its sequence's keys once into a transposed buffer (16 positions side by
+ * side, so that 16 scores are one vector FMA per dimension), which its queries share, and the
+ * query heads of one KV head go through the keys and values together. Sharing loads does no
+ * arithmetic, so it changes no result.
+ *
+ * Built at run time by sirocco/models/paged_attention.py (plain C, no PyTorch headers), with
+ * no -ffast-math (the compiler may not reassociate the sums) and -ffp-contract=off (it may
+ * not fuse other multiply-adds in some loops and not in others).
  */
 #include <math.h>
 #include <stdint.h>
@@ -17,73 +25,195 @@
 #include <string.h>
 
 #define LANES 16
+#define UNROLL 4
 
-static inline float dot(const float *a, const float *b, int d) {
-    float acc[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= d; i += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[i + l] * b[i + l];
-    for (; i < d; i++) acc[0] += a[i] * b[i];
-    /* a fixed tree over the lanes */
-    for (int w = LANES / 2; w > 0; w /= 2)
-        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
-    return acc[0];
+/* e^x for x <= 0, to about 1 ulp, in float arithmetic only (the magic constant rounds
+ * x * log2(e) to an integer n in the low bits of t; Cephes' polynomial for e^r), so that
+ * the compiler vectorizes it. Arguments are clamped to [-87, 0]. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 0.0f ? 0.0f : x;
+    const float t = x * 1.44269504f + 12582912.0f;  /* 1.5 * 2^23 */
+    const float n = t - 12582912.0f;
+    int32_t ti;
+    memcpy(&ti, &t, sizeof ti);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = (ti - 0x4B400000 + 127) << 23;  /* 2^n */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
 }
 
-/* q, out: [T, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D];
- * tables: [S, max_blocks]; seq_of, pos_of: [T]. Computes rows (t, kv head) numbered
- * first..last-1 (row = t * KVH + kvh), so that callers can split the work. */
-int sirocco_paged_attention(const float *q, const float *k_cache, const float *v_cache,
-                            const int32_t *tables, const int32_t *seq_of, const int32_t *pos_of,
-                            float *out, int64_t first, int64_t last, int H, int KVH, int D,
-                            int block_size, int max_blocks, int window, float scale) {
-    const int g = H / KVH;
-    int64_t capacity = 0;
-    float *scores = NULL;
-    for (int64_t row = first; row < last; row++) {
-        const int64_t t = row / KVH;
-        const int kvh = (int)(row % KVH);
-        const int pos = pos_of[t];
-        const int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
-        const int n = pos - lo + 1;
-        if ((int64_t)n * g > capacity) {
-            capacity = (int64_t)n * g * 2;
-            free(scores);
-            scores = malloc(sizeof(float) * capacity);
-            if (scores == NULL) return -1;
-        }
-        const int32_t *table = tables + (int64_t)seq_of[t] * max_blocks;
-        const float *qrow = q + (t * H + (int64_t)kvh * g) * D;
-        for (int j = lo; j <= pos; j++) {
-            const int64_t slot = (int64_t)table[j / block_size] * block_size + j % block_size;
-            const float *key = k_cache + (slot * KVH + kvh) * D;
-            for (int h = 0; h < g; h++)
-                scores[(int64_t)h * n + (j - lo)] = dot(qrow + (int64_t)h * D, key, D) * scale;
-        }
-        for (int h = 0; h < g; h++) {
-            float *s = scores + (int64_t)h * n;
-            float m = s[0];
-            for (int j = 1; j < n; j++) m = s[j] > m ? s[j] : m;
-            float sum = 0.0f;
-            for (int j = 0; j < n; j++) {
-                s[j] = expf(s[j] - m);
-                sum += s[j];
-            }
-            const float inv = 1.0f / sum;
-            for (int j = 0; j < n; j++) s[j] *= inv;
-        }
-        float *orow = out + (t * H + (int64_t)kvh * g) * D;
-        memset(orow, 0, sizeof(float) * g * D);
-        for (int j = lo; j <= pos; j++) {
-            const int64_t slot = (int64_t)table[j / block_size] * block_size + j % block_size;
-            const float *value = v_cache + (slot * KVH + kvh) * D;
-            for (int h = 0; h < g; h++) {
-                const float p = scores[(int64_t)h * n + (j - lo)];
-                float *o = orow + (int64_t)h * D;
-                for (int d = 0; d < D; d++) o[d] += p * value[d];
-            }
+/* Scores of one query against `count` (1 or UNROLL) groups of LANES keys, transposed
+ * (kt[group][d][lane]): each a sum over d in order, times `scale`. */
+static inline __attribute__((always_inline)) void score_groups(
+        const float *restrict qh, const float *restrict kt, float *restrict s, const int count,
+        const int D, float scale) {
+    float acc[UNROLL][LANES] = {{0}};
+    for (int d = 0; d < D; d++) {
+        const float qd = qh[d];
+        for (int u = 0; u < count; u++) {
+#pragma omp simd
+            for (int l = 0; l < LANES; l++)
+                acc[u][l] = fmaf(qd, kt[((int64_t)u * D + d) * LANES + l], acc[u][l]);
         }
     }
+    for (int u = 0; u < count; u++)
+        for (int l = 0; l < LANES; l++) s[u * LANES + l] = acc[u][l] * scale;
+}
+
+static inline int64_t slot_of(const int32_t *table, int pos, int block_size) {
+    return (int64_t)table[pos / block_size] * block_size + pos % block_size;
+}
+
+/* The work of items first..last-1, with the head size a constant where it is a common one
+ * (the compiler then unrolls the loops over it). */
+static inline __attribute__((always_inline)) int attend(
+        const float *restrict q, const float *restrict k_cache, const float *restrict v_cache,
+        const int32_t *restrict tables, const int32_t *restrict seq_of,
+        const int32_t *restrict pos_of, const int32_t *restrict chunks, float *restrict out,
+        int64_t num_chunks, int64_t first, int64_t last, int H, int KVH, const int D,
+        int block_size, int max_blocks, int window, float scale) {
+    const int g = H / KVH;
+    float *keys_t = NULL, *scores = NULL;
+    int64_t keys_capacity = 0, scores_capacity = 0;
+    float *acc = malloc(sizeof(float) * g * D);  /* the outputs of the g heads of a query */
+    if (acc == NULL) return -1;
+    for (int64_t item = first; item < last; item++) {
+        const int kvh = (int)(item / num_chunks);
+        const int64_t c = item % num_chunks;
+        const int64_t t0 = chunks[c], t1 = chunks[c + 1];
+        const int32_t *table = tables + (int64_t)seq_of[t0] * max_blocks;
+        const int first_pos = pos_of[t0], last_pos = pos_of[t1 - 1];
+        const int lo0 = (window > 0 && first_pos - window + 1 > 0) ? first_pos - window + 1 : 0;
+        const int g0 = lo0 / LANES, g1 = last_pos / LANES + 1;  /* key groups of the item */
+        const int64_t need_keys = (int64_t)(g1 - g0) * D * LANES;
+        const int64_t need_scores = (int64_t)g * (g1 - g0) * LANES;
+        if (need_keys > keys_capacity) {
+            free(keys_t);
+            keys_capacity = need_keys * 2;
+            keys_t = malloc(sizeof(float) * keys_capacity);
+        }
+        if (need_scores > scores_capacity) {
+            free(scores);
+            scores_capacity = need_scores * 2;
+            scores = malloc(sizeof(float) * scores_capacity);
+        }
+        if (keys_t == NULL || scores == NULL) {
+            free(keys_t);
+            free(scores);
+            free(acc);
+            return -1;
+        }
+        /* keys_t[group][d][lane]; lanes past last_pos repeat its key (never used) */
+        for (int gi = g0; gi < g1; gi++) {
+            float *dst = keys_t + (int64_t)(gi - g0) * D * LANES;
+            for (int l = 0; l < LANES; l++) {
+                int pos = gi * LANES + l;
+                pos = pos > last_pos ? last_pos : pos;
+                const float *key = k_cache + (slot_of(table, pos, block_size) * KVH + kvh) * D;
+                for (int d = 0; d < D; d++) dst[d * LANES + l] = key[d];
+            }
+        }
+        /* The g query heads of this KV head go together: each group of keys and each
+         * value row is loaded once for all of them; every head's arithmetic is unchanged. */
+        const int64_t stride = (int64_t)(g1 - g0) * LANES;  /* one head's scores */
+        for (int64_t t = t0; t < t1; t++) {
+            const int pos = pos_of[t];
+            const int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+            const int glo = lo / LANES, ghi = pos / LANES + 1;
+            const float *qt = q + (t * H + (int64_t)kvh * g) * D;
+            int gi = glo;
+            for (; gi + UNROLL <= ghi; gi += UNROLL)
+                for (int h = 0; h < g; h++)
+                    score_groups(qt + (int64_t)h * D, keys_t + (int64_t)(gi - g0) * D * LANES,
+                                 scores + h * stride + (int64_t)(gi - g0) * LANES, UNROLL, D,
+                                 scale);
+            for (; gi < ghi; gi++)
+                for (int h = 0; h < g; h++)
+                    score_groups(qt + (int64_t)h * D, keys_t + (int64_t)(gi - g0) * D * LANES,
+                                 scores + h * stride + (int64_t)(gi - g0) * LANES, 1, D, scale);
+            for (int h = 0; h < g; h++) {
+                /* keys lo..pos, at s[j]; their softmax in place, normalized */
+                float *s = scores + h * stride - (int64_t)g0 * LANES;
+                float lane_max[LANES];
+                for (int l = 0; l < LANES; l++) lane_max[l] = s[lo];
+                for (int gj = glo; gj < ghi; gj++) {
+                    const float *sg = s + (int64_t)gj * LANES;
+#pragma omp simd
+                    for (int l = 0; l < LANES; l++) {
+                        const int j = gj * LANES + l;
+                        const float v = (j >= lo) & (j <= pos) ? sg[l] : s[lo];
+                        lane_max[l] = v > lane_max[l] ? v : lane_max[l];
+                    }
+                }
+                float m = lane_max[0];  /* a maximum is exact in any order */
+                for (int l = 1; l < LANES; l++) m = lane_max[l] > m ? lane_max[l] : m;
+                float lanes[LANES] = {0};
+                for (int gj = glo; gj < ghi; gj++) {
+                    float *sg = s + (int64_t)gj * LANES;
+#pragma omp simd
+                    for (int l = 0; l < LANES; l++) {
+                        const int j = gj * LANES + l;
+                        const float keep = (float)((j >= lo) & (j <= pos));
+                        sg[l] = exp_nonpositive(sg[l] - m) * keep;
+                        lanes[l] += sg[l];
+                    }
+                }
+                for (int w = LANES / 2; w > 0; w /= 2)
+                    for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
+                const float inv = 1.0f / lanes[0];
+                for (int j = lo; j <= pos; j++) s[j] *= inv;
+                float *o = acc + (int64_t)h * D;
+                for (int d = 0; d < D; d++) o[d] = 0.0f;
+            }
+            for (int b = lo / block_size; b <= pos / block_size; b++) {
+                const int b0 = b * block_size;
+                const int j0 = lo > b0 ? lo : b0;
+                const int j1 = pos < b0 + block_size - 1 ? pos : b0 + block_size - 1;
+                const float *vb = v_cache + ((int64_t)table[b] * block_size * KVH + kvh) * D;
+                for (int j = j0; j <= j1; j++) {
+                    const float *restrict v = vb + (int64_t)(j - b0) * KVH * D;
+                    for (int h = 0; h < g; h++) {
+                        const float p = scores[h * stride + j - (int64_t)g0 * LANES];
+                        float *restrict o = acc + (int64_t)h * D;
+#pragma omp simd
+                        for (int d = 0; d < D; d++) o[d] = fmaf(p, v[d], o[d]);
+                    }
+                }
+            }
+            memcpy(out + (t * H + (int64_t)kvh * g) * D, acc, sizeof(float) * g * D);
+        }
+    }
+    free(keys_t);
     free(scores);
+    free(acc);
     return 0;
+}
+
+/* q, out: [T, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D]; tables: [S, max_blocks];
+ * seq_of, pos_of: [T] (positions ascending within a chunk); chunks: [num_chunks + 1] token
+ * boundaries, each chunk within one sequence. Computes items first..last-1 of
+ * num_chunks * KVH (item = kvh * num_chunks + chunk). Returns 0, or -1 if out of memory. */
+int sirocco_paged_attention(const float *q, const float *k_cache, const float *v_cache,
+                            const int32_t *tables, const int32_t *seq_of, const int32_t *pos_of,
+                            const int32_t *chunks, float *out, int64_t num_chunks, int64_t first,
+                            int64_t last, int H, int KVH, int D, int block_size, int max_blocks,
+                            int window, float scale) {
+#define ATTEND(head_dim) attend(q, k_cache, v_cache, tables, seq_of, pos_of, chunks, out, \
+                                num_chunks, first, last, H, KVH, head_dim, block_size, \
+                                max_blocks, window, scale)
+    switch (D) {
+    case 64: return ATTEND(64);
+    case 128: return ATTEND(128);
+    default: return ATTEND(D);
+    }
+#undef ATTEND
 }
