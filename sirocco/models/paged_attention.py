@@ -9,8 +9,8 @@ where they lie in the cache, without gathering each sequence's blocks into a pad
 The C file is compiled on first use with the system's C compiler (about a second) into
 a cache keyed by the source, the flags and the CPU, and called through ctypes, which
 releases the GIL; the work items (a chunk of one sequence's queries, one KV head) are split
-between `torch.get_num_threads()` threads. Where no
-compiler is found, `available()` is False and the model keeps PyTorch's attention.
+between `torch.get_num_threads()` threads. Where no compiler is found, `available()` is False
+and the model keeps PyTorch's attention.
 """
 
 from __future__ import annotations
