@@ -2,9 +2,9 @@
 
 Each prompt is asked of a server that has not seen it (cold), again (its prefix now cached), with
 `prompt_logprobs` (the whole prompt recomputed), of a server that prefills 16 tokens per
-step, and while other streams share the batch. The text is the same every way. The
-log-probabilities agree to 1e-4, not bitwise: attention (PyTorch's CPU flash kernel) rounds
-a query differently with the shape of its batch (see the README's "Exactness").
+step, and while other streams share the batch. The text is the same every way, and so are
+the log-probabilities, bitwise, where Sirocco's attention kernel serves (a C compiler was
+found); with PyTorch's attention instead they agree to 1e-4 (see the README's "Exactness").
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+import torch
+
+from sirocco.models import paged_attention
 from sirocco.models.gguf import default_smollm2_gguf
 from tests.conftest import Server, start_server
 
@@ -31,7 +34,7 @@ PROMPTS = [
     "I am learning to program and my friend keeps talking about turning source code into "
     "machine code before running it. Explain what a compiler does in one sentence.",
 ]
-LOGPROB_TOLERANCE = 1e-4
+LOGPROB_TOLERANCE = 0.0 if paged_attention.available(torch.float32, torch.device("cpu")) else 1e-4
 
 
 def _start(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]) -> Server:
@@ -69,7 +72,10 @@ def assert_same(got: dict, expected: dict, how: str) -> None:
     for (text, logprobs), (want_text, want_logprobs) in zip(answers(got), answers(expected),
                                                             strict=True):
         assert text == want_text, how
-        assert logprobs == pytest.approx(want_logprobs, abs=LOGPROB_TOLERANCE), how
+        if LOGPROB_TOLERANCE == 0:
+            assert logprobs == want_logprobs, how  # bitwise
+        else:
+            assert logprobs == pytest.approx(want_logprobs, abs=LOGPROB_TOLERANCE), how
 
 
 def test_the_readme_request_answers_paris_and_stops_on_a_fresh_server(servers) -> None:
