@@ -475,3 +475,42 @@ def test_a_schema_holding_nan_is_422(server: Server, where: str) -> None:
     r = send(server, PATHS["chat"], schema_body(where, '{"type": "number", "maximum": NaN}'))
     detail = assert_422_naming(r, SCHEMA_LOCS[where])
     assert "NaN" in json.dumps(detail)
+
+
+# -- the items of a JSON body, counted before it is parsed -------------------------------------
+
+def test_json_items_skip_strings_and_count_by_field() -> None:
+    raw = b'{"a": [1, 2, {"x": "a,b,[c{"}], "b\\"q": {"k": 1, "j": [2, 3]}, "c": "s,,", "d": 4}'
+    assert limits.json_items(raw) == {"a": (4, 3), 'b"q': (4, 2)}
+    assert limits.json_items_at_most(raw) >= sum(t for t, _ in limits.json_items(raw).values())
+    text = json.dumps({**CHAT, "messages": [{"role": "user", "content": "a, [b], {c}, " * 50_000}]})
+    assert limits.too_many_items(text.encode()) is None  # commas of text are not items
+
+
+@pytest.mark.parametrize("body, loc, words", [
+    ({"messages": _messages(limits.CHAT_MAX_MESSAGES + 1) * 10}, ["messages"],
+     str(limits.CHAT_MAX_MESSAGES)),
+    ({"logit_bias": {str(i): 1 for i in range(limits.JSON_MAX_ITEMS + 1)}}, ["logit_bias"],
+     str(limits.LOGIT_BIAS_MAX_ENTRIES)),
+    ({"metadata": {f"k{i}": [i] for i in range(limits.JSON_MAX_ITEMS)}}, ["metadata"],
+     str(limits.JSON_MAX_ITEMS)),
+], ids=["messages", "logit-bias", "metadata"])
+def test_a_body_past_the_item_bound_is_422_naming_the_field(server: Server, body: dict,
+                                                           loc: list, words: str) -> None:
+    r = httpx.post(server.url + PATHS["chat"], json={**CHAT, **body}, timeout=60)
+    detail = assert_422_naming(r, loc)
+    assert words in detail[0]["msg"], detail
+    assert len(r.content) < 2000
+    r = httpx.post(server.url + PATHS["fim"], json={**FIM, **body}, timeout=60)
+    assert_422_naming(r, loc)  # the bound is the guard's: every JSON endpoint has it
+
+
+@pytest.mark.parametrize("body, loc", [
+    ({"stop": ["a"] * 1_000}, ["stop"]),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 6_000},
+                   {"role": "user", "content": [{"type": "text", "text": "b"}] * 6_000}]},
+     ["messages", 1]),
+], ids=["stop", "content-chunks"])
+def test_list_caps_below_the_item_bound_are_422(server: Server, body: dict, loc: list) -> None:
+    r = httpx.post(server.url + PATHS["chat"], json={**CHAT, **body}, timeout=60)
+    assert_422_naming(r, loc)
