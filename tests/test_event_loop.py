@@ -33,6 +33,7 @@ from sirocco.protocol.limits import (
     EMBEDDING_MAX_INPUTS,
     JSON_MAX_ITEMS,
     LOGIT_BIAS_MAX_ENTRIES,
+    SCHEMA_MAX_BYTES,
     STOP_MAX_COUNT,
 )
 from tests.conftest import Server, start_server
@@ -162,6 +163,33 @@ def test_a_large_embeddings_answer_does_not_block(server: Server) -> None:
     print(f"embeddings of {len(inputs):,} inputs: {answer.status_code}, "
           f"{len(answer.content) / 1e6:.1f} MB, slowest /health {slowest * 1000:.0f} ms")
     assert answer.status_code == 200 and len(answer.json()["data"]) == len(inputs)
+    assert slowest < MAX_HEALTH_LATENCY_OFF_LOOP
+
+
+def test_100000_embedding_inputs_are_refused_without_blocking(server: Server) -> None:
+    models = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    if "mistral-embed" not in models:
+        pytest.skip("no embedding model is served")
+    inputs = [f"sentence {i}" for i in range(100_000)]
+    answer, slowest = while_probing(server, "/v1/embeddings",
+                                    {"model": "mistral-embed", "input": inputs})
+    print(f"embeddings of {len(inputs):,} inputs: {answer.status_code}, "
+          f"slowest /health {slowest * 1000:.0f} ms")
+    detail = assert_422_naming(answer, "input")
+    assert str(EMBEDDING_MAX_INPUTS) in detail["msg"]
+    assert slowest < MAX_HEALTH_LATENCY
+
+
+def test_a_schema_at_the_size_cap_compiles_off_the_loop(server: Server) -> None:
+    properties = {f"p{i}": {"type": "string", "pattern": "^[a-z]{1,8}(-[0-9]{2,4})?$"}
+                  for i in range(900)}
+    schema = {"type": "object", "properties": properties, "required": list(properties)}
+    assert 60_000 < len(json.dumps(schema, separators=(",", ":"))) <= SCHEMA_MAX_BYTES
+    answer, slowest = while_probing(server, "/v1/chat/completions", {**CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "big", "schema": schema}}})
+    print(f"a 64 KB schema: {answer.status_code}, slowest /health {slowest * 1000:.0f} ms")
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.json()["usage"]["completion_tokens"] >= 1
     assert slowest < MAX_HEALTH_LATENCY_OFF_LOOP
 
 
