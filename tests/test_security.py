@@ -97,11 +97,14 @@ def test_unauthenticated_300_mb_body_is_refused_unread(guarded: Server, declared
     r = httpx.post(guarded.url + "/v1/chat/completions", content=body, headers=headers,
                    timeout=30)
     elapsed = time.monotonic() - started
+    grown = rss_mib(guarded) - before
+    print(f"300 MB unauthenticated: 401 in {elapsed * 1000:.0f} ms, {body.sent} MiB sent, "
+          f"RSS {grown:+.1f} MiB")
     assert r.status_code == 401
     assert r.json() == {"detail": "Unauthorized"}
     assert elapsed < 1, elapsed
     assert body.sent < body.chunks  # the server closed the connection: the rest was never read
-    assert rss_mib(guarded) - before < 4
+    assert grown < 4
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
