@@ -2,9 +2,10 @@
 
 The demo checkpoint is served as mistral-tiny with two kinds of adapters: one kept for the
 whole test and, in each round, a new one trained (added to the engine while the kept one
-generates) and deleted while a long request generates on it, streamed or not. The deleted
-model's running request ends (finished on the adapter's weights, or with an error), new
-requests to it are refused at once, and the base model and the kept adapter go on serving.
+generates) and deleted while a long request generates on it, streamed or not; the kept one
+is archived while it generates (that only marks it). The deleted model's running request
+ends (finished on the adapter's weights, or with an error), new requests to it are refused
+at once, and the base model and the kept adapter go on serving.
 """
 
 from __future__ import annotations
@@ -86,10 +87,19 @@ def test_deleting_a_fine_tuned_model_while_it_generates_keeps_the_engine_alive(s
     kept = fine_tune(client, server.url, pairs, TRAIN, suffix="kept")
     for round_, stream in enumerate([False, True, False]):
         # The next adapter is added to the engine while the kept one generates.
-        busy, busy_out = in_background(chat, server, kept, max_tokens=300, temperature=0)
+        busy, busy_out = in_background(chat, server, kept, max_tokens=300, min_tokens=300,
+                                       temperature=0)
+        if round_ == 0:  # archiving a model in use only marks it: its request goes on
+            wait_until(lambda: running_seqs(server) >= 1)
+            r = httpx.post(f"{server.url}/v1/fine_tuning/models/{kept}/archive", timeout=30)
+            assert r.status_code == 200 and r.json()["archived"] is True, r.text
         victim = fine_tune(client, server.url, pairs, TRAIN, suffix=f"victim{round_}")
         busy.join(120)
         assert busy_out["result"]["status"] == 200, busy_out
+        assert busy_out["result"]["body"]["usage"]["completion_tokens"] > 0
+        if round_ == 0:
+            r = httpx.delete(f"{server.url}/v1/fine_tuning/models/{kept}/archive", timeout=30)
+            assert r.status_code == 200 and r.json()["archived"] is False, r.text
 
         doomed, doomed_out = in_background(chat, server, victim, stream=stream, **LONG)
         wait_until(lambda: running_seqs(server) >= 1)

@@ -8,6 +8,13 @@ a 422 naming the field) or answered; either way the server serves afterwards.
 Measured on a 2-core CPU before the work moved off the loop: the FIM prompt blocked
 /health for 2.4 s, the embeddings answer (24 MB of JSON) for 0.7-1.4 s; after, 30-50 ms.
 The chat of 100,000 messages is refused (above 10,000) before its body is walked: ~60 ms.
+
+Bodies of 10-14 MB made of many small values (a `logit_bias` of 10^6 entries, 2 million
+stop strings, 400,000 content chunks, 5 million numbers under `metadata`) blocked /health
+for 2.3-7.9 s while Python's JSON parser and pydantic held the interpreter; now their items
+are counted (in a thread) before anything parses them, and past `JSON_MAX_ITEMS` they are a
+422 naming the field: slowest /health 25-65 ms. A body past --max-request-size (16 MiB by
+default) is a 413 from its Content-Length.
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sirocco.protocol.limits import EMBEDDING_MAX_INPUTS
+from sirocco.config import Settings
+from sirocco.protocol.limits import (
+    EMBEDDING_MAX_INPUTS,
+    JSON_MAX_ITEMS,
+    LOGIT_BIAS_MAX_ENTRIES,
+    SCHEMA_MAX_BYTES,
+    STOP_MAX_COUNT,
+)
 from tests.conftest import Server, start_server
 
 MAX_HEALTH_LATENCY = 1.0  # seconds
@@ -65,9 +79,55 @@ def while_probing(server: Server, path: str, body: dict) -> tuple[httpx.Response
     return answer, max(latencies)
 
 
-def assert_422_naming(answer: httpx.Response, field: str) -> None:
+def assert_422_naming(answer: httpx.Response, field: str) -> dict:
     assert answer.status_code == 422, answer.text[:300]
-    assert any(d["loc"][:2] == ["body", field] for d in answer.json()["detail"]), answer.text[:300]
+    detail = answer.json()["detail"]
+    assert any(d["loc"][:2] == ["body", field] for d in detail), answer.text[:300]
+    return detail[0]
+
+
+CHAT = {"model": "mistral-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ({"logit_bias": {str(i): 1 for i in range(10**6)}}, "logit_bias",
+     str(LOGIT_BIAS_MAX_ENTRIES)),
+    ({"stop": ["ab"] * 2_000_000}, "stop", str(STOP_MAX_COUNT)),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "ab"}] * 400_000}]},
+     "messages", str(JSON_MAX_ITEMS)),
+    ({"metadata": {"x": [[0, 0, 0, 0]] * 1_000_000}}, "metadata", str(JSON_MAX_ITEMS)),
+    ({"messages": [{"role": "user", "content": "x" * 10_000_000}]}, "messages", "characters"),
+], ids=["logit-bias-1e6", "stop-2e6", "content-chunks-4e5", "metadata-5e6-numbers",
+        "text-10M-characters"])
+def test_a_body_of_10_mb_does_not_block(server: Server, body: dict, field: str,
+                                        words: str) -> None:
+    body = {**CHAT, **body}
+    answer, slowest = while_probing(server, "/v1/chat/completions", body)
+    size = len(json.dumps(body)) / 1e6
+    print(f"{size:.1f} MB body: {answer.status_code}, slowest /health {slowest * 1000:.0f} ms")
+    assert size >= 10
+    detail = assert_422_naming(answer, field)
+    assert words in detail["msg"], detail
+    assert len(answer.content) < 2000  # the input is not echoed back
+    assert slowest < MAX_HEALTH_LATENCY_OFF_LOOP
+
+
+def test_a_body_past_the_default_request_size_is_413(server: Server) -> None:
+    limit = Settings().max_request_size
+    assert limit == 16 * 1024 * 1024
+    body = {**CHAT, "messages": [{"role": "user", "content": "x" * limit}]}
+    answer, slowest = while_probing(server, "/v1/chat/completions", body)
+    assert answer.status_code == 413, answer.text[:300]
+    assert answer.json()["code"] == "request_too_large"
+    assert slowest < MAX_HEALTH_LATENCY_OFF_LOOP
+
+
+def test_a_body_within_the_item_bound_is_parsed(server: Server) -> None:
+    """Just under JSON_MAX_ITEMS: parsed and answered, and the loop still answers."""
+    body = {**CHAT, "metadata": {"x": [0] * (JSON_MAX_ITEMS - 100)}}
+    answer, slowest = while_probing(server, "/v1/chat/completions", body)
+    assert answer.status_code == 200, answer.text[:300]
+    assert slowest < MAX_HEALTH_LATENCY
 
 
 def test_a_two_million_character_fim_prompt_does_not_block(server: Server) -> None:
@@ -103,6 +163,33 @@ def test_a_large_embeddings_answer_does_not_block(server: Server) -> None:
     print(f"embeddings of {len(inputs):,} inputs: {answer.status_code}, "
           f"{len(answer.content) / 1e6:.1f} MB, slowest /health {slowest * 1000:.0f} ms")
     assert answer.status_code == 200 and len(answer.json()["data"]) == len(inputs)
+    assert slowest < MAX_HEALTH_LATENCY_OFF_LOOP
+
+
+def test_100000_embedding_inputs_are_refused_without_blocking(server: Server) -> None:
+    models = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    if "mistral-embed" not in models:
+        pytest.skip("no embedding model is served")
+    inputs = [f"sentence {i}" for i in range(100_000)]
+    answer, slowest = while_probing(server, "/v1/embeddings",
+                                    {"model": "mistral-embed", "input": inputs})
+    print(f"embeddings of {len(inputs):,} inputs: {answer.status_code}, "
+          f"slowest /health {slowest * 1000:.0f} ms")
+    detail = assert_422_naming(answer, "input")
+    assert str(EMBEDDING_MAX_INPUTS) in detail["msg"]
+    assert slowest < MAX_HEALTH_LATENCY
+
+
+def test_a_schema_at_the_size_cap_compiles_off_the_loop(server: Server) -> None:
+    properties = {f"p{i}": {"type": "string", "pattern": "^[a-z]{1,8}(-[0-9]{2,4})?$"}
+                  for i in range(900)}
+    schema = {"type": "object", "properties": properties, "required": list(properties)}
+    assert 60_000 < len(json.dumps(schema, separators=(",", ":"))) <= SCHEMA_MAX_BYTES
+    answer, slowest = while_probing(server, "/v1/chat/completions", {**CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "big", "schema": schema}}})
+    print(f"a 64 KB schema: {answer.status_code}, slowest /health {slowest * 1000:.0f} ms")
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.json()["usage"]["completion_tokens"] >= 1
     assert slowest < MAX_HEALTH_LATENCY_OFF_LOOP
 
 

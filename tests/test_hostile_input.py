@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import time
+import types
+import typing
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel
 
 from sirocco.protocol import limits
 from sirocco.serving.embeddings import default_encoder_dir
@@ -113,6 +116,7 @@ FLOAT_FIELDS = [
                                                 "warmup_fraction", "epochs", "fim_ratio")],
     ("job", ["invalid_sample_skip_percentage"]),
     ("job", ["training_files", 0, "weight"]),
+    ("job", ["repositories", 0, "weight"]),
     # embeddings have no float field: a non-finite number where an int or a text goes
     ("embed", ["output_dimension"]),
     ("embed", ["dimensions"]),
@@ -127,10 +131,50 @@ def test_non_finite_numbers_are_422_naming_the_field(server: Server, kind: str, 
     base = dict(BASES[kind])
     if kind == "job" and loc[-1] == "epochs":
         base["hyperparameters"] = {}
+    if loc[0] == "repositories":
+        base["repositories"] = [{"name": "r", "owner": "o", "token": "t"}]
     r = send(server, PATHS[kind], with_value(base, loc, token))
     detail = assert_422_naming(r, loc if loc[0] != "input" else ["input"])
     if kind != "embed":
         assert any(d["type"] == "finite_number" for d in detail), detail
+
+
+def _float_fields(model: type[BaseModel], prefix: tuple = ()) -> set[tuple]:
+    """The paths of every float field of a request model, nested models, lists (index 0)
+    and maps (key "5") followed."""
+    found: set[tuple] = set()
+
+    def walk(annotation: Any, path: tuple) -> None:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if annotation is float:
+            found.add(path)
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found.update(_float_fields(annotation, path))
+        elif origin in (typing.Union, types.UnionType, typing.Annotated):
+            for arg in args if origin is not typing.Annotated else args[:1]:
+                walk(arg, path)
+        elif origin is list:
+            walk(args[0], (*path, 0))
+        elif origin is dict:
+            walk(args[1], (*path, "5"))
+
+    for name, info in model.model_fields.items():
+        walk(info.annotation, (*prefix, info.alias or name))
+    return found
+
+
+def test_every_float_field_is_in_the_list() -> None:
+    """A float field added to a request model is a NaN test to add to FLOAT_FIELDS."""
+    from sirocco.protocol.chat import ChatCompletionRequest, FIMCompletionRequest
+    from sirocco.protocol.embeddings import EmbeddingRequest
+    from sirocco.protocol.jobs import JobIn
+
+    listed = {(kind, tuple(loc)) for kind, loc in FLOAT_FIELDS}
+    for kind, model in (("chat", ChatCompletionRequest), ("fim", FIMCompletionRequest),
+                        ("embed", EmbeddingRequest), ("job", JobIn)):
+        for path in _float_fields(model):
+            assert (kind, path) in listed, f"{kind} {path} has no NaN test"
+    assert len(_float_fields(ChatCompletionRequest)) >= 8  # (the walk finds them)
 
 
 def test_a_dry_run_with_infinite_epochs_is_422(server: Server) -> None:
@@ -475,3 +519,42 @@ def test_a_schema_holding_nan_is_422(server: Server, where: str) -> None:
     r = send(server, PATHS["chat"], schema_body(where, '{"type": "number", "maximum": NaN}'))
     detail = assert_422_naming(r, SCHEMA_LOCS[where])
     assert "NaN" in json.dumps(detail)
+
+
+# -- the items of a JSON body, counted before it is parsed -------------------------------------
+
+def test_json_items_skip_strings_and_count_by_field() -> None:
+    raw = b'{"a": [1, 2, {"x": "a,b,[c{"}], "b\\"q": {"k": 1, "j": [2, 3]}, "c": "s,,", "d": 4}'
+    assert limits.json_items(raw) == {"a": (4, 3), 'b"q': (4, 2)}
+    assert limits.json_items_at_most(raw) >= sum(t for t, _ in limits.json_items(raw).values())
+    text = json.dumps({**CHAT, "messages": [{"role": "user", "content": "a, [b], {c}, " * 50_000}]})
+    assert limits.too_many_items(text.encode()) is None  # commas of text are not items
+
+
+@pytest.mark.parametrize("body, loc, words", [
+    ({"messages": _messages(limits.CHAT_MAX_MESSAGES + 1) * 10}, ["messages"],
+     str(limits.CHAT_MAX_MESSAGES)),
+    ({"logit_bias": {str(i): 1 for i in range(limits.JSON_MAX_ITEMS + 1)}}, ["logit_bias"],
+     str(limits.LOGIT_BIAS_MAX_ENTRIES)),
+    ({"metadata": {f"k{i}": [i] for i in range(limits.JSON_MAX_ITEMS)}}, ["metadata"],
+     str(limits.JSON_MAX_ITEMS)),
+], ids=["messages", "logit-bias", "metadata"])
+def test_a_body_past_the_item_bound_is_422_naming_the_field(server: Server, body: dict,
+                                                           loc: list, words: str) -> None:
+    r = httpx.post(server.url + PATHS["chat"], json={**CHAT, **body}, timeout=60)
+    detail = assert_422_naming(r, loc)
+    assert words in detail[0]["msg"], detail
+    assert len(r.content) < 2000
+    r = httpx.post(server.url + PATHS["fim"], json={**FIM, **body}, timeout=60)
+    assert_422_naming(r, loc)  # the bound is the guard's: every JSON endpoint has it
+
+
+@pytest.mark.parametrize("body, loc", [
+    ({"stop": ["a"] * 1_000}, ["stop"]),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 6_000},
+                   {"role": "user", "content": [{"type": "text", "text": "b"}] * 6_000}]},
+     ["messages", 1]),
+], ids=["stop", "content-chunks"])
+def test_list_caps_below_the_item_bound_are_422(server: Server, body: dict, loc: list) -> None:
+    r = httpx.post(server.url + PATHS["chat"], json={**CHAT, **body}, timeout=60)
+    assert_422_naming(r, loc)

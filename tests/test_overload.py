@@ -60,6 +60,8 @@ def test_request_timeout_is_a_504_and_frees_the_sequence(server: Server) -> None
     assert r.json()["type"] == "timeout_error"
     assert metric(server, "sirocco_timed_out_requests_total") >= 1
     assert metric(server, "sirocco_running_seqs") == 0
+    assert metric(server, "sirocco_kv_blocks_used") == 0  # its KV is freed
+    assert metric(server, "sirocco_kv_blocks_free") > 0
 
 
 def test_a_timed_out_stream_ends_with_finish_reason_error(server: Server) -> None:

@@ -3,6 +3,7 @@ do, and what the server lets out (health, logs, signed URLs)."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -96,11 +97,14 @@ def test_unauthenticated_300_mb_body_is_refused_unread(guarded: Server, declared
     r = httpx.post(guarded.url + "/v1/chat/completions", content=body, headers=headers,
                    timeout=30)
     elapsed = time.monotonic() - started
+    grown = rss_mib(guarded) - before
+    print(f"300 MB unauthenticated: 401 in {elapsed * 1000:.0f} ms, {body.sent} MiB sent, "
+          f"RSS {grown:+.1f} MiB")
     assert r.status_code == 401
     assert r.json() == {"detail": "Unauthorized"}
     assert elapsed < 1, elapsed
     assert body.sent < body.chunks  # the server closed the connection: the rest was never read
-    assert rss_mib(guarded) - before < 4
+    assert grown < 4
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
@@ -170,6 +174,22 @@ def test_uploads_past_the_bound_are_429_with_retry_after(guarded: Server) -> Non
     assert temp_files(guarded) == []
 
 
+def test_a_stalled_json_body_is_cut_off(guarded: Server) -> None:
+    """Not only uploads: a chat request whose body stops half-way is a 408 at the timeout."""
+    port = int(guarded.url.rsplit(":", 1)[1])
+    part = b'{"model": "secret-model-id", "messages": [{"role": "user", "content": "hel'
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(part) + 100}\r\n\r\n".encode() + part)
+        answer = read_response(sock, timeout=READ_TIMEOUT_S + 5)
+    elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b'"code":"request_timeout"' in answer
+    assert READ_TIMEOUT_S <= elapsed < READ_TIMEOUT_S + 2, elapsed
+
+
 def test_a_slow_but_steady_body_is_not_cut_off(guarded: Server) -> None:
     def trickle() -> Iterator[bytes]:
         payload = b'{"model": "secret-model-id", "max_tokens": 1, "messages": [{"role": "user", ' \
@@ -181,6 +201,30 @@ def test_a_slow_but_steady_body_is_not_cut_off(guarded: Server) -> None:
     r = httpx.post(guarded.url + "/v1/chat/completions", content=trickle(),
                    headers={"Content-Type": "application/json", **AUTH}, timeout=60)
     assert r.status_code == 200, r.text
+
+
+# -- 6. error bodies stay JSON whatever the input (with the key on) ---------------------------
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "secret-model-id", "temperature": NaN, "messages": [{"role": "user", '
+    b'"content": "hi"}]}',
+    b'{"model": "secret-model-id", "top_p": -Infinity, "messages": [{"role": "user", '
+    b'"content": "hi"}]}',
+    b'{"model": "secret-model-id", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    b'{"model": "secret-model-id", "temperature": "\\udfff", "messages": [{"role": "user", '
+    b'"content": "hi"}]}',
+], ids=["nan", "infinity", "surrogate-in-content", "surrogate-as-temperature"])
+def test_nan_and_lone_surrogates_are_a_422_whose_body_is_json(guarded: Server, raw: bytes) -> None:
+    r = httpx.post(guarded.url + "/v1/chat/completions", content=raw, timeout=30,
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"the error body holds {constant}")
+
+    detail = json.loads(r.content.decode("utf-8"), parse_constant=refuse)["detail"]
+    assert detail and all(d["loc"][0] == "body" for d in detail)
 
 
 # -- 3. /health tells an unauthenticated client only the status --------------------------------

@@ -1,5 +1,6 @@
 """What a request must pass before any route sees it: the API key, the body size limit,
-the read timeout and the bound on concurrent uploads.
+the read timeout, the bound on concurrent uploads and, for a JSON body, the bound on its
+items (`JSON_MAX_ITEMS`), checked before it is parsed.
 
 A pure ASGI middleware, because FastAPI reads and parses a body before a route's
 dependencies run: a refused request must cost its headers, not its body. Refusing a
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -21,6 +23,7 @@ from sirocco.api.auth import authorization_ok
 from sirocco.api.errors import APIError
 from sirocco.api.files import ENVELOPE_ALLOWANCE, upload_too_large
 from sirocco.config import Settings
+from sirocco.protocol.limits import JSON_MAX_ITEMS, json_items_at_most, too_many_items
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,13 @@ def read_timed_out(seconds: float) -> APIError:
                     code="request_timeout")
 
 
+def is_json(headers: Headers) -> bool:
+    """Whether FastAPI would parse the body as JSON (it does with no content type too)."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    return not content_type or content_type == "application/json" \
+        or content_type.endswith("+json")
+
+
 def may_have_body(headers: Headers) -> bool:
     return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
 
@@ -74,6 +84,9 @@ class RequestGuard:
         self.app = app
         self.settings = settings
         self.uploads_in_progress = 0
+        # One body at a time is counted: hostile bodies queue here, not in the pool that
+        # prepares prompts.
+        self.item_counter = ThreadPoolExecutor(1, thread_name_prefix="sirocco-json-items")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,7 +111,8 @@ class RequestGuard:
             await send_refusal(send, 413, too_large.body())
             return
         if not upload:
-            await _LimitedBody(self.app, limit, too_large, settings.read_timeout)(
+            counter = self.item_counter if is_json(headers) else None
+            await _LimitedBody(self.app, limit, too_large, settings.read_timeout, counter)(
                 scope, receive, send)
             return
         if self.uploads_in_progress >= settings.max_concurrent_uploads:
@@ -120,13 +134,19 @@ class RequestGuard:
 class _LimitedBody:
     """One request whose body may grow to `limit` bytes, with at most `timeout` seconds
     between two of its chunks. Past either, the guard answers (413 or 408) and the app
-    sees the client disconnect: what it wrote so far (a partial upload) it drops."""
+    sees the client disconnect: what it wrote so far (a partial upload) it drops.
 
-    def __init__(self, app: ASGIApp, limit: int, too_large: APIError, timeout: float) -> None:
+    With an `item_counter` (a JSON body), the body is gathered whole (FastAPI reads it
+    whole before parsing anyway) and one past `JSON_MAX_ITEMS` is a 422 naming the field
+    that holds most of them, counted in that thread, never parsed."""
+
+    def __init__(self, app: ASGIApp, limit: int, too_large: APIError, timeout: float,
+                 item_counter: ThreadPoolExecutor | None = None) -> None:
         self.app = app
         self.limit = limit
         self.too_large = too_large
         self.timeout = timeout
+        self.item_counter = item_counter
         self.received = 0
         self.body_done = False
         self.response_started = False
@@ -147,6 +167,26 @@ class _LimitedBody:
             return {"type": "http.disconnect"}
         if self.body_done:  # later reads only wait for a disconnect: no timeout
             return await self._receive()
+        if self.item_counter is None:
+            return await self._next_chunk()
+        chunks = []
+        while not self.body_done:
+            message = await self._next_chunk()
+            if message["type"] != "http.request":
+                return message
+            chunks.append(message.get("body", b""))
+        body = b"".join(chunks)
+        if len(body) > JSON_MAX_ITEMS and json_items_at_most(body) > JSON_MAX_ITEMS:
+            error = await asyncio.get_running_loop().run_in_executor(
+                self.item_counter, too_many_items, body)
+            if error is not None:
+                log.info("refused a request body: %s", error["msg"])
+                await send_refusal(self._send, 422, {"detail": [error]}, close=False)
+                self.refused = True
+                return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def _next_chunk(self) -> Message:
         try:
             message = await asyncio.wait_for(self._receive(), self.timeout)
         except TimeoutError:

@@ -10,7 +10,7 @@ allows); checks that need the model (vocabulary, context length) live in the ser
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from sirocco.protocol.limits import (
+    CHAT_MAX_CONTENT_CHUNKS,
     CHAT_MAX_MESSAGES,
     LOGIT_BIAS_MAX_ENTRIES,
     PROMPT_MAX_CHARS,
@@ -254,6 +255,16 @@ class GuardrailConfig(BaseModel):
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 
 
+def _too_long(title: str, loc: tuple[str, ...], value: list | dict, cap: int) -> ValidationError:
+    """pydantic's own `too_long` error, raised before the items are validated."""
+    error = PydanticCustomError(
+        "too_long", "{kind} should have at most {max_length} items, not {actual_length}",
+        {"kind": "List" if isinstance(value, list) else "Dictionary", "max_length": cap,
+         "actual_length": len(value)})
+    return ValidationError.from_exception_data(title, [InitErrorDetails(
+        type=error, loc=loc, input=value)])
+
+
 class SamplingFields(Strict):
     """Generation fields shared by chat and FIM."""
 
@@ -269,9 +280,17 @@ class SamplingFields(Strict):
     metadata: dict[str, Any] | None = None
     prompt_cache_key: str | None = None
 
+    #: Lists and maps whose length is checked before anything walks the body: 100,000
+    #: stop strings or logit_bias entries are refused at once, not after looking at each.
+    LIST_CAPS: ClassVar[tuple[tuple[str, int], ...]] = (("stop", STOP_MAX_COUNT),)
+
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
+        for field, cap in cls.LIST_CAPS if isinstance(data, dict) else ():
+            value = data.get(field)
+            if isinstance(value, (list, dict)) and len(value) > cap:
+                raise _too_long(cls.__name__, (field,), value, cap)
         return reject_lone_surrogates(data, cls.__name__)
 
     @model_validator(mode="after")
@@ -329,18 +348,26 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    LIST_CAPS = (("messages", CHAT_MAX_MESSAGES), ("tools", TOOLS_MAX),
+                 ("stop", STOP_MAX_COUNT), ("logit_bias", LOGIT_BIAS_MAX_ENTRIES))
+
     @model_validator(mode="before")
     @classmethod
-    def _bounded_messages(cls, data: Any) -> Any:
-        # Before any walk of the body (the lone-surrogate check is one): 100,000 messages
-        # are refused at once, not after looking at each.
+    def _bounded_chunks(cls, data: Any) -> Any:
+        # (runs first: past CHAT_MAX_MESSAGES, the messages are left to LIST_CAPS)
         messages = data.get("messages") if isinstance(data, dict) else None
-        if isinstance(messages, list) and len(messages) > CHAT_MAX_MESSAGES:
-            error = PydanticCustomError(
-                "too_long", "List should have at most {max_length} items, not {actual_length}",
-                {"max_length": CHAT_MAX_MESSAGES, "actual_length": len(messages)})
-            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
-                type=error, loc=("messages",), input=messages)])
+        if not isinstance(messages, list) or len(messages) > CHAT_MAX_MESSAGES:
+            return data
+        chunks = 0
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            chunks += len(content) if isinstance(content, list) else 0
+            if chunks > CHAT_MAX_CONTENT_CHUNKS:
+                raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                    type=PydanticCustomError(
+                        "too_long", "the messages hold more than {limit} content chunks in "
+                        "all (passed at this message)", {"limit": CHAT_MAX_CONTENT_CHUNKS}),
+                    loc=("messages", i), input=f"{chunks} chunks")])
         return data
 
     @model_validator(mode="after")

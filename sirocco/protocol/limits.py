@@ -12,6 +12,7 @@ Checks that need the model (vocabulary, context length) or the server's flags
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 from urllib.parse import unquote
 
@@ -58,6 +59,15 @@ SCHEMA_MAX_BYTES = 64 * 1024
 SCHEMA_MAX_DEPTH = 64
 #: Schema nodes visited by the depth check, `$ref`s expanded: a bound on its own work.
 SCHEMA_MAX_VISITS = 100_000
+
+#: Items (values in its lists and objects) of a JSON request body, in all. Python's JSON
+#: parser and pydantic hold the interpreter for the whole of one body: a `logit_bias` of
+#: 10^6 entries (13 MB) blocked every other request for 2-4 s before its 422. A body past
+#: this many items is refused before it is parsed; the largest valid requests (10,000
+#: messages with tool calls, 128 tools) hold far fewer.
+JSON_MAX_ITEMS = 100_000
+#: Content chunks (text, images, ...) of a chat request's messages, in all.
+CHAT_MAX_CONTENT_CHUNKS = 10_000
 
 #: Embeddings: inputs per request (Mistral's own API answers "Too many inputs in
 #: request" above 256; 512 is what LangChain batches), characters per input and in all.
@@ -198,6 +208,89 @@ def resolve_pointer(document: Any, ref: str) -> Any:
         else:
             return None
     return node
+
+
+# -- the size of a JSON body -----------------------------------------------------------------
+
+#: A JSON string (escapes skipped over) or a bracket or comma outside strings.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
+
+
+def json_items_at_most(raw: bytes) -> int:
+    """An upper bound of the items in the JSON text `raw`, at C speed: its commas and
+    opening brackets, those inside strings included."""
+    return raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+
+
+def json_items(raw: bytes) -> dict[str | None, tuple[int, int]]:
+    """The items of the JSON text `raw` by top-level field: for each key of the top-level
+    object (None for what is not under one), its items in all and those of its own list
+    or object. Strings are skipped whole, so commas in text do not count.
+
+    A loop of small steps, each a short regex match: run in a thread, it lets the
+    interpreter switch to the event loop between two (`json.loads` would not).
+    """
+    counts: dict[str | None, list[int]] = {}
+    here = counts.setdefault(None, [0, 0])
+    depth, expect_key = 0, False
+    for match in _JSON_TOKEN.finditer(raw):
+        token = match.group()
+        char = token[0]
+        if char == 0x22:  # a string
+            if expect_key:
+                try:
+                    key = json.loads(token)
+                except ValueError:
+                    key = token[1:-1].decode("utf-8", "replace")
+                here = counts.setdefault(str(key), [0, 0])
+                expect_key = False
+            continue
+        if char in b"[{":
+            depth += 1
+            if depth == 1:
+                expect_key = char == 0x7B
+                continue
+            here[0] += 1
+            if depth == 2:
+                here[1] += 1
+        elif char in b"]}":
+            depth -= 1
+            if depth == 0:
+                here = counts[None]
+        elif depth == 1:  # a comma between two top-level fields
+            expect_key = True
+        else:
+            here[0] += 1
+            if depth == 2:
+                here[1] += 1
+    return {key: (total, own) for key, (total, own) in counts.items() if total}
+
+
+#: Fields with a cap of their own on their items, named when a body past
+#: `JSON_MAX_ITEMS` holds most of its items in one of them.
+FIELD_MAX_ITEMS = {"messages": CHAT_MAX_MESSAGES, "logit_bias": LOGIT_BIAS_MAX_ENTRIES,
+                   "stop": STOP_MAX_COUNT, "tools": TOOLS_MAX, "input": EMBEDDING_MAX_INPUTS}
+
+
+def too_many_items(raw: bytes) -> dict[str, Any] | None:
+    """None for a body within `JSON_MAX_ITEMS`, else a validation error (FastAPI's shape)
+    naming the top-level field that holds the most items. CPU work of up to a few seconds
+    for a hostile body: call it in a thread."""
+    counts = json_items(raw)
+    if sum(total for total, _ in counts.values()) <= JSON_MAX_ITEMS:
+        return None
+    field = max(counts, key=lambda k: counts[k][0])
+    total, own = counts[field]
+    loc: list[str] = ["body"] if field is None else ["body", field]
+    cap = FIELD_MAX_ITEMS.get(field or "")
+    if cap is not None and own > cap:
+        return {"type": "too_long", "loc": loc,
+                "msg": f"{field} should have at most {cap} items, not {own}",
+                "input": f"{own} items", "ctx": {"max_length": cap, "actual_length": own}}
+    return {"type": "too_long", "loc": loc,
+            "msg": f"the request body holds more than {JSON_MAX_ITEMS} JSON values (items of "
+                   f"its lists and objects), {total} of them here",
+            "input": f"{total} values", "ctx": {"max_length": JSON_MAX_ITEMS}}
 
 
 # -- text --------------------------------------------------------------------------------------

@@ -219,6 +219,36 @@ def test_admission_past_max_waiting_is_refused(tiny):
                if not isinstance(r, BaseException))
 
 
+def test_admission_is_bounded_by_default(tiny):
+    """Without --max-waiting, twice the batch the engine holds may wait: --max-num-seqs,
+    or fewer where the KV cache has fewer blocks than that."""
+    from sirocco.engine import EngineOverloaded
+
+    config = EngineConfig(dtype="float32", block_size=4, kv_cache_memory=2**20,
+                          max_model_len=64, max_num_seqs=3)
+    eng = build_engine(tiny.model_config, tiny.state_dict, config)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+
+    async def main():
+        return await asyncio.gather(*(collect(eng, f"r{i}", [5, 6, 7], params)
+                                      for i in range(12)), return_exceptions=True)
+
+    try:
+        assert eng.engine.runner.num_blocks > 3
+        assert eng.max_waiting == 6 and eng.max_in_flight == 9
+        results = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert sum(isinstance(r, EngineOverloaded) for r in results) == 3
+    small = EngineConfig(dtype="float32", block_size=4, kv_cache_memory=2**14,
+                         max_model_len=16, max_num_seqs=64)
+    eng = build_engine(tiny.model_config, tiny.state_dict, small)
+    try:
+        assert eng.max_waiting == 2 * eng.engine.runner.num_blocks < 2 * 64
+    finally:
+        eng.shutdown()
+
+
 def test_request_timeout_ends_the_request_and_frees_it(tiny):
     from sirocco.engine import RequestTimedOut
 
