@@ -22,6 +22,7 @@ class Settings:
     served_model_names: list[str] = field(default_factory=list)
     embedding_model: str | None = None
     dtype: str = "auto"
+    quantization: str = "auto"
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -121,6 +122,15 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
             choices=["auto", "float32", "bfloat16", "float16"],
             help="weight and activation dtype; auto picks bfloat16 where the hardware runs it "
             "fast, else float32",
+        ),
+    ),
+    (
+        "--quantization",
+        "quantization",
+        dict(
+            choices=["auto", "none", "int8", "int4"],
+            help="weight-only quantized linear layers: int4 (group-wise, a GGUF's own Q4_1 "
+            "blocks where it has them) or int8 (per channel); auto is none for now",
         ),
     ),
     ("--device", "device", dict(choices=["auto", "cpu", "cuda"], help="where models run")),

@@ -24,6 +24,8 @@ class EngineConfig:
         bfloat16 where the device runs it fast (see `resolve_dtype`).
     eos_token_ids: the model's end-of-sequence ids: a sequence stops on them unless its
         params say `ignore_eos`.
+    quantization: "auto", "none", "int8" or "int4": weight-only quantized linear layers
+        (`models/quantized.py`).
     """
 
     block_size: int = 16
@@ -35,6 +37,7 @@ class EngineConfig:
     device: str = "cpu"
     enable_prefix_caching: bool = True
     eos_token_ids: tuple[int, ...] = ()
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1:

@@ -22,6 +22,12 @@ from sirocco.models.mistral import (
     attention_mask,
     can_pack,
 )
+from sirocco.models.quantized import (
+    HEAD_MODE,
+    quantize_linear_layers,
+    resolve_quantization,
+    split_q4_1_blocks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +47,18 @@ class ModelRunner:
         self.model_config = model_config
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.device)
+        self.quantization = resolve_quantization(config.quantization)
+        state_dict, q4_1_blocks = split_q4_1_blocks(state_dict)
         with torch.device("meta"):  # no memory, no random init: the weights come next
             model = MistralModel(model_config)
         model.load_hf_state_dict(
             {k: v.to(device=self.device, dtype=self.dtype) for k, v in state_dict.items()},
             assign=True)
+        if self.quantization != "none":
+            swapped, adopted = quantize_linear_layers(
+                model, self.quantization, q4_1_blocks, head=HEAD_MODE[self.quantization])
+            logger.info("quantization %s: %d linear layers, %d of them from the file's own "
+                        "Q4_1 blocks", self.quantization, swapped, adopted)
         if can_pack(self.dtype, self.device):
             model.pack_linear_layers()
         self.model = model.eval()

