@@ -15,7 +15,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 import torch
 
 from sirocco.models import paged_attention
