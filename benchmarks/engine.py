@@ -8,7 +8,11 @@ request runs to max_tokens). Prints:
   once; decode = tokens after each request's first / time after the last first token),
   end-to-end tokens/s, and transformers `generate` at batch 1 and a static batch of 16;
 - time to first token (TTFT) of one 128-token request, and prefill time for 512 tokens;
-- TTFT of a request whose 1,000-token prefix is cached vs the same request uncached.
+- TTFT of a request whose 1,000-token prefix is cached vs the same request uncached;
+- on a CPU, what the batch-invariant attention kernel costs (README "Exactness"): one
+  layer's attention over the paged cache, the kernel against PyTorch's SDPA (which must
+  first gather each sequence's blocks), float32, for a 512- and a 2,048-token prefill and
+  16 decodes.
 
     python benchmarks/engine.py            # the full run (several minutes on 2 cores)
     python benchmarks/engine.py --quick    # 32 generated tokens, fewer concurrencies
@@ -21,9 +25,11 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers import MistralConfig, MistralForCausalLM
 
 from sirocco.engine import EngineConfig, LLMEngine, SamplingParams
+from sirocco.models import paged_attention
 from sirocco.models.config import ModelConfig
 
 
@@ -161,6 +167,51 @@ def main() -> None:
     print(f"TTFT 1,024-token prompt: uncached {uncached * 1000:.0f} ms, 1,000-token prefix "
           f"cached {cached * 1000:.0f} ms ({cached / uncached:.2f} of uncached; target <= 0.20)")
     print(f"prefix cache hit rate over the run: {engine.stats().prefix_cache_hit_rate:.2f}")
+    if paged_attention.available(torch.float32, torch.device(args.device)):
+        attention_cost()
+
+
+def best_ms(fn, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1000
+
+
+def attention_case(counts: list[int], length: int) -> tuple[float, float]:
+    """Milliseconds of one layer's attention (12 heads, 4 KV heads, head size 64, blocks of
+    16, float32) for sequences of `length` tokens whose last `counts[i]` are new: the
+    invariant kernel, and SDPA over the same blocks, gathered."""
+    heads, kv_heads, dim, block = 12, 4, 64, 16
+    blocks = length // block
+    k_cache = torch.randn(len(counts) * blocks + 1, block, kv_heads, dim)
+    v_cache = torch.randn_like(k_cache)
+    tables = [list(range(1 + i * blocks, 1 + (i + 1) * blocks)) for i in range(len(counts))]
+    layout = paged_attention.PagedLayout.build(tables, [length - n for n in counts], counts)
+    q = torch.randn(sum(counts), heads, dim)
+    index = torch.tensor(tables)
+
+    def sdpa() -> torch.Tensor:
+        k = k_cache[index].flatten(1, 2).transpose(1, 2)  # [seqs, kv_heads, length, dim]
+        v = v_cache[index].flatten(1, 2).transpose(1, 2)
+        qs = q.view(len(counts), -1, heads, dim).transpose(1, 2)
+        return F.scaled_dot_product_attention(qs, k, v, is_causal=counts[0] > 1,
+                                              enable_gqa=True)
+
+    ours = best_ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, layout, None))
+    return ours, best_ms(sdpa)
+
+
+def attention_cost() -> None:
+    torch.manual_seed(0)
+    for name, counts, length in [("prefill 512", [512], 512), ("prefill 2048", [2048], 2048),
+                                 ("16 decodes at 256", [1] * 16, 256)]:
+        ours, base = attention_case(counts, length)
+        print(f"attention {name}: invariant kernel {ours:6.2f} ms, PyTorch SDPA {base:6.2f} ms "
+              f"({ours / base:.2f}x its time)")
 
 
 if __name__ == "__main__":
