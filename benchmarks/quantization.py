@@ -16,27 +16,22 @@ Prints, for each mode:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from sirocco.engine import EngineConfig, LLMEngine, SamplingParams
-from sirocco.models.gguf import convert_gguf, default_smollm2_gguf
-from sirocco.models.loader import inspect_checkpoint, load_tokenizer, load_weights
-from sirocco.models.mistral import AttentionBatch, AttentionGroup
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-FACTS = [
-    "What is the capital of France?",
-    "I am planning a trip to Europe next spring and I would like to see famous museums, "
-    "old churches and good food markets. What is the capital of France?",
-    "My teacher asked me to write down a few numbers that can only be divided by one and by "
-    "themselves, and I forgot the name for them. List three prime numbers.",
-    "I am learning to program and my friend keeps talking about turning source code into "
-    "machine code before running it. Explain what a compiler does in one sentence.",
-    "What is 12 + 7?",
-]
+from sirocco.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from sirocco.models.gguf import convert_gguf, default_smollm2_gguf  # noqa: E402
+from sirocco.models.loader import inspect_checkpoint, load_tokenizer, load_weights  # noqa: E402
+from sirocco.models.mistral import AttentionBatch, AttentionGroup  # noqa: E402
+from tests.test_exactness import PROMPTS as EXACTNESS_PROMPTS  # noqa: E402
+
+FACTS = ["What is the capital of France?", *EXACTNESS_PROMPTS, "What is 12 + 7?"]
 
 
 def build(ckpt, mode: str, eos_token_ids: tuple[int, ...] = ()) -> LLMEngine:

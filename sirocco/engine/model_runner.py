@@ -152,18 +152,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
-        # Consecutive decodes (one token each) share a group, and so do consecutive first
-        # chunks of prompts of the same length; every other chunk has a group of its own.
-        groups: list[list[tuple[Sequence, int]]] = []
-        last_kind = None
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            kind = ("decode" if n == 1 else ("first chunk", n) if seq.num_computed_tokens == 0
-                    else None)
-            if kind is not None and kind == last_kind:
-                groups[-1].append((seq, n))
-            else:
-                groups.append([(seq, n)])
-            last_kind = kind
             start = seq.num_computed_tokens
             table = seq.block_table
             input_ids += seq.token_ids[start:start + n]
@@ -179,6 +168,18 @@ class ModelRunner:
                 batch.num_new_tokens)
             attn = AttentionBatch([], torch.tensor(slots, device=dev), layout)
             return torch.tensor(input_ids, device=dev), pos, attn, sample_rows
+        # Consecutive decodes (one token each) share a group, and so do consecutive first
+        # chunks of prompts of the same length; every other chunk has a group of its own.
+        groups: list[list[tuple[Sequence, int]]] = []
+        last_kind = None
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            kind = ("decode" if n == 1 else ("first chunk", n) if seq.num_computed_tokens == 0
+                    else None)
+            if kind is not None and kind == last_kind:
+                groups[-1].append((seq, n))
+            else:
+                groups.append([(seq, n)])
+            last_kind = kind
         attn_groups = []
         offset = 0
         window = self.model_config.sliding_window
