@@ -154,8 +154,8 @@ class LoRALinear(nn.Module):
             if weights is None:
                 continue
             a, b = weights
-            rows = x.index_select(0, index)
-            y.index_add_(0, index, (rows @ a.T) @ b.T)
+            rows = x.index_select(0, index).to(a.dtype)
+            y.index_add_(0, index, ((rows @ a.T) @ b.T).to(y.dtype))
         return y
 
 

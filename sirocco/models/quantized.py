@@ -45,6 +45,8 @@ class Int4Linear(nn.Module):
     q [out, in] integers 0..15; scales, zeros [out, in // group_size].
     """
 
+    input_dtype = _KERNEL_DTYPE  # rows in any other dtype are rounded to it first
+
     def __init__(self, q: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
@@ -107,6 +109,8 @@ def _pack_int4(q: Tensor) -> Tensor:
 
 class Int8Linear(nn.Module):
     """A bias-free linear layer with 8-bit weights and one scale per output (symmetric)."""
+
+    input_dtype = _KERNEL_DTYPE
 
     def __init__(self, q: Tensor, scales: Tensor) -> None:
         super().__init__()

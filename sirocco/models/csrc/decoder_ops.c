@@ -1,0 +1,150 @@
+/* The decoder's element-wise work on a CPU, fused, row by row, in float32.
+ *
+ * Between its matrix multiplications a decoder layer does little arithmetic in many small
+ * operators (a norm, a residual add, RoPE, the KV-cache writes, SiLU times the up
+ * projection): at batch 1 PyTorch spends more time dispatching them than computing. Each
+ * function here does one such run of work in one call. Every row (a token) is computed on its
+ * own in one fixed order, so a token's result does not depend on what else is in the batch.
+ *
+ * A tensor of activations is float32 or bfloat16 (`*_bf16` flags): the quantized matrix
+ * kernels take and give bfloat16 rows, the float32 ones float32 rows. Arithmetic is float32;
+ * a bfloat16 result is rounded to nearest even, as PyTorch rounds.
+ *
+ * Built by sirocco/models/kernels.py with the other kernels.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16
+
+static inline float from_bf16(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float load(const void *p, int bf16, int64_t i) {
+    return bf16 ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store(void *p, int bf16, int64_t i, float v) {
+    if (bf16)
+        ((uint16_t *)p)[i] = to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* e^x to about 1 ulp, in float arithmetic only (so that it vectorizes): x * log2(e) is
+ * rounded to an integer n by a magic constant, Cephes' polynomial gives e^r. Arguments are
+ * clamped to [-87, 88]. */
+static inline float exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float t = x * 1.44269504f + 12582912.0f; /* 1.5 * 2^23 */
+    const float n = t - 12582912.0f;
+    int32_t ti;
+    memcpy(&ti, &t, sizeof ti);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = (ti - 0x4B400000 + 127) << 23; /* 2^n */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Rows first..last-1 of x [rows, dim] (float32, the residual stream): x += delta where
+ * delta [rows, dim] is given, then out = x / sqrt(mean(x^2) + eps) * weight. The sum of
+ * squares puts element d in lane d % 16 and adds the lanes in a fixed tree. */
+void sirocco_rms_norm(float *x, const void *delta, const float *weight, void *out,
+                      int delta_bf16, int out_bf16, int64_t dim, int64_t first, int64_t last,
+                      float eps) {
+    for (int64_t r = first; r < last; r++) {
+        float *restrict xr = x + r * dim;
+        if (delta != NULL) {
+            if (delta_bf16) {
+                const uint16_t *restrict dr = (const uint16_t *)delta + r * dim;
+                for (int64_t d = 0; d < dim; d++) xr[d] += from_bf16(dr[d]);
+            } else {
+                const float *restrict dr = (const float *)delta + r * dim;
+                for (int64_t d = 0; d < dim; d++) xr[d] += dr[d];
+            }
+        }
+        float lanes[LANES] = {0};
+        int64_t d = 0;
+        for (; d + LANES <= dim; d += LANES) {
+#pragma omp simd
+            for (int l = 0; l < LANES; l++) lanes[l] += xr[d + l] * xr[d + l];
+        }
+        for (int l = 0; d + l < dim; l++) lanes[l] += xr[d + l] * xr[d + l];
+        for (int w = LANES / 2; w > 0; w /= 2)
+            for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
+        const float rstd = 1.0f / sqrtf(lanes[0] / (float)dim + eps);
+        if (out_bf16) {
+            uint16_t *restrict o = (uint16_t *)out + r * dim;
+            for (int64_t e = 0; e < dim; e++) o[e] = to_bf16(xr[e] * rstd * weight[e]);
+        } else {
+            float *restrict o = (float *)out + r * dim;
+            for (int64_t e = 0; e < dim; e++) o[e] = xr[e] * rstd * weight[e];
+        }
+    }
+}
+
+/* Rows first..last-1 of gate_up [rows, 2 * inter] (gate, then up): out [rows, inter] =
+ * silu(gate) * up, silu(g) = g / (1 + e^-g). */
+void sirocco_silu_mul(const void *gate_up, void *out, int in_bf16, int out_bf16, int64_t inter,
+                      int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; r++) {
+        const int64_t in_row = r * 2 * inter, out_row = r * inter;
+        for (int64_t i = 0; i < inter; i++) {
+            const float g = load(gate_up, in_bf16, in_row + i);
+            const float u = load(gate_up, in_bf16, in_row + inter + i);
+            store(out, out_bf16, out_row + i, g / (1.0f + exp_f32(-g)) * u);
+        }
+    }
+}
+
+/* Tokens first..last-1 of qkv [T, H + 2 KVH heads, D] (the q heads, then k, then v): RoPE
+ * (rotate-half: x * cos + rotate_half(x) * sin, cos and sin [T, D]) on the q and k heads;
+ * q goes to q_out [T, H, D], k and v to the caches [num_slots, KVH, D] (float32) at the
+ * token's slot. */
+void sirocco_rope_store(const void *qkv, const float *cos_, const float *sin_,
+                        const int64_t *slots, float *q_out, float *k_cache, float *v_cache,
+                        int in_bf16, int64_t first, int64_t last, int H, int KVH, int D) {
+    const int half = D / 2;
+    const int64_t row = (int64_t)(H + 2 * KVH) * D;
+    for (int64_t t = first; t < last; t++) {
+        const float *restrict c = cos_ + t * D, *restrict s = sin_ + t * D;
+        for (int h = 0; h < H + KVH; h++) {
+            const int64_t src = t * row + (int64_t)h * D;
+            float *restrict dst = h < H ? q_out + (t * H + h) * D
+                                        : k_cache + (slots[t] * KVH + (h - H)) * D;
+            for (int d = 0; d < half; d++) {
+                const float x = load(qkv, in_bf16, src + d);
+                const float y = load(qkv, in_bf16, src + d + half);
+                dst[d] = x * c[d] + (-y) * s[d];
+                dst[d + half] = y * c[d + half] + x * s[d + half];
+            }
+        }
+        for (int h = 0; h < KVH; h++) {
+            const int64_t src = t * row + (int64_t)(H + KVH + h) * D;
+            float *restrict dst = v_cache + (slots[t] * KVH + h) * D;
+            for (int d = 0; d < D; d++) dst[d] = load(qkv, in_bf16, src + d);
+        }
+    }
+}

@@ -1,0 +1,78 @@
+"""The decoder layer's element-wise work as fused CPU kernels (`csrc/decoder_ops.c`).
+
+A decode step of a small model is bound by dispatch, not arithmetic: SmolLM2 at one stream
+ran ~60 PyTorch operators a layer (a norm alone is seven), for ~12 ms of its ~25 ms step.
+These calls do the same work in four a layer, row by row in one fixed order (so batch-
+invariant, like the attention kernel): the norm with the residual add before it, RoPE
+with the KV-cache writes, SiLU times the up projection. The model takes this path where
+the paged attention kernel serves (`AttentionBatch.paged`: a CPU, float32).
+
+Activations come and go in the dtype the next matrix kernel takes: bfloat16 for the
+quantized layers, float32 otherwise; the residual stream stays float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sirocco.models.kernels import library, run_split, threads_for
+
+# Elements of work below which a call runs on one thread (a pool hand-off costs ~20 us).
+_PER_THREAD = 1 << 18
+
+
+def _flag(t: Tensor) -> int:
+    if t.dtype == torch.bfloat16:
+        return 1
+    if t.dtype == torch.float32:
+        return 0
+    raise TypeError(f"decoder kernels take float32 or bfloat16, not {t.dtype}")
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype,
+             delta: Tensor | None = None) -> Tensor:
+    """RMSNorm of the float32 residual stream x [T, dim], in `out_dtype`; first adds
+    `delta` [T, dim] to x in place where given (the residual connection)."""
+    assert x.dtype == torch.float32 and x.is_contiguous() and weight.dtype == torch.float32
+    rows, dim = x.shape
+    out = torch.empty(rows, dim, dtype=out_dtype)
+    if delta is not None:
+        delta = delta.contiguous()
+    lib = library()
+    run_split(lib.sirocco_rms_norm,
+              (x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+               out.data_ptr(), 0 if delta is None else _flag(delta), _flag(out), dim),
+              rows, (eps,), threads_for(rows * dim, rows, _PER_THREAD))
+    return out
+
+
+def silu_mul(gate_up: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """silu(gate) * up of gate_up [T, 2 * inter] (gate first), [T, inter] in `out_dtype`."""
+    gate_up = gate_up.contiguous()
+    rows, width = gate_up.shape
+    out = torch.empty(rows, width // 2, dtype=out_dtype)
+    run_split(library().sirocco_silu_mul,
+              (gate_up.data_ptr(), out.data_ptr(), _flag(gate_up), _flag(out), width // 2),
+              rows, (), threads_for(rows * width * 4, rows, _PER_THREAD))
+    return out
+
+
+def rope_store(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Tensor,
+               v_cache: Tensor, heads: int, kv_heads: int) -> Tensor:
+    """RoPE on the q and k heads of qkv [T, (heads + 2 kv_heads) * head_dim]; writes k and
+    v into the float32 caches [num_blocks, block_size, kv_heads, head_dim] at `slots`
+    (int64 [T]); returns q [T, heads, head_dim] (float32)."""
+    qkv = qkv.contiguous()
+    rows = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    assert k_cache.dtype == v_cache.dtype == torch.float32 and slots.dtype == torch.int64
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    q = torch.empty(rows, heads, head_dim)
+    run_split(library().sirocco_rope_store,
+              (qkv.data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
+               slots.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+               _flag(qkv)),
+              rows, (heads, kv_heads, head_dim),
+              threads_for(rows * qkv.shape[1] * 2, rows, _PER_THREAD))
+    return q
