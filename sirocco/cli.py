@@ -46,12 +46,14 @@ def serve(settings: Settings) -> int:
     from sirocco.api.app import create_app
     from sirocco.api.log_redaction import uvicorn_log_config
     from sirocco.api.state import ServerState
+    from sirocco.engine.config import set_compute_threads
     from sirocco.models.loader import ModelLoadError
     from sirocco.serving.loading import load_models
 
     configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     log.info("data dir: %s", settings.data_dir)
+    set_compute_threads(settings.threads)
     try:
         registry = load_models(settings)
     except ModelLoadError as exc:

@@ -23,6 +23,7 @@ class Settings:
     embedding_model: str | None = None
     dtype: str = "auto"
     quantization: str = "auto"
+    threads: int | None = None
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -129,8 +130,19 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         "quantization",
         dict(
             choices=["auto", "none", "int8", "int4"],
-            help="weight-only quantized linear layers: int4 (group-wise, a GGUF's own Q4_1 "
-            "blocks where it has them) or int8 (per channel); auto is none for now",
+            help="weight-only quantized linear layers: int4 (a GGUF's own Q4_1 blocks where "
+            "it has them) or int8 (a scale per 32 weights); auto serves a GGUF file at its own "
+            "precision (Q4_x: int4, Q8_0: int8), a float checkpoint in float",
+        ),
+    ),
+    (
+        "--threads",
+        "threads",
+        dict(
+            type=int,
+            metavar="N",
+            help="compute threads of the model (PyTorch's and Sirocco's kernels); default: "
+            "every core this process may run on",
         ),
     ),
     ("--device", "device", dict(choices=["auto", "cpu", "cuda"], help="where models run")),
@@ -319,6 +331,8 @@ def read_key_file(path: Path) -> list[str]:
 
 def check_limits(settings: Settings) -> None:
     """Limits that must be positive for the server to accept anything."""
+    if settings.threads is not None and settings.threads <= 0:
+        raise SystemExit(f"error: --threads must be positive, got {settings.threads}")
     for flag, value in (("--max-request-size", settings.max_request_size),
                         ("--read-timeout", settings.read_timeout),
                         ("--max-concurrent-uploads", settings.max_concurrent_uploads)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from sirocco.cli import build_parser
 from sirocco.config import settings_from_args
+from sirocco.engine.config import available_cores, set_compute_threads
 from sirocco.models.config import ModelConfig
 from sirocco.models.demo import DEMO_CONFIG
 from sirocco.models.loader import (
@@ -90,9 +92,40 @@ def test_serve_help_lists_every_flag() -> None:
         "--kv-cache-memory",
         "--max-num-seqs",
         "--max-num-batched-tokens",
+        "--threads",
         "SIROCCO_API_KEY",
     ):
         assert flag in out
+
+
+def test_compute_threads_default_to_the_available_cores_and_the_flag_overrides(
+        caplog: pytest.LogCaptureFixture) -> None:
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="sirocco.engine.config"):
+            assert set_compute_threads(None) == available_cores() == torch.get_num_threads()
+            assert f"compute threads: {available_cores()} of {available_cores()} cores (one " \
+                "per available core" in caplog.text
+            assert set_compute_threads(1) == 1 == torch.get_num_threads()
+            assert f"compute threads: 1 of {available_cores()} cores (--threads)" in caplog.text
+    finally:
+        torch.set_num_threads(before)
+    env = settings_from_args(build_parser().parse_args(["serve"]), {"SIROCCO_THREADS": "3"})
+    assert env.threads == 3
+
+
+def test_a_server_takes_its_thread_count_and_refuses_zero(demo_model_dir: Path,
+                                                          tmp_path: Path) -> None:
+    from tests.conftest import start_server
+
+    result = run_cli("serve", "--threads", "0", "--data-dir", str(tmp_path))
+    assert result.returncode != 0
+    assert "--threads must be positive, got 0" in result.stderr
+    server = start_server(["--model", str(demo_model_dir), "--threads", "1"], tmp_path / "one")
+    try:
+        assert "compute threads: 1 of" in server.log()
+    finally:
+        server.stop()
 
 
 def test_not_a_model_directory_is_a_one_line_error(tmp_path: Path) -> None:

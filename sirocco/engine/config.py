@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,28 @@ def _cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def set_compute_threads(requested: int | None = None) -> int:
+    """Set the model's compute threads (PyTorch's pool, which Sirocco's kernels share):
+    `requested`, else every available core. Logs the choice; returns it."""
+    cores = available_cores()
+    threads = requested or cores
+    torch.set_num_threads(threads)
+    how = "--threads" if requested else "one per available core; --threads overrides"
+    logger.info("compute threads: %d of %d cores (%s)", threads, cores, how)
+    if threads > cores:
+        logger.warning("--threads %d is more than the %d cores available: threads will wait "
+                       "for each other", threads, cores)
+    return threads
 
 
 CPU_KV_CACHE_CAP = 2 * 1024**3

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sirocco.models.kernels import library, run_split, threads_for
+from sirocco.models.kernels import library, threads_for
 
-# Elements of work below which a call runs on one thread (a pool hand-off costs ~20 us).
-_PER_THREAD = 1 << 18
+# Elements a thread takes at least: below, a call runs on one thread.
+_PER_THREAD = 1 << 15
 
 
 def _flag(t: Tensor) -> int:
@@ -39,11 +39,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype,
     out = torch.empty(rows, dim, dtype=out_dtype)
     if delta is not None:
         delta = delta.contiguous()
-    lib = library()
-    run_split(lib.sirocco_rms_norm,
-              (x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
-               out.data_ptr(), 0 if delta is None else _flag(delta), _flag(out), dim),
-              rows, (eps,), threads_for(rows * dim, rows, _PER_THREAD))
+    library().sirocco_rms_norm(
+        x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+        out.data_ptr(), 0 if delta is None else _flag(delta), _flag(out), dim, rows, eps,
+        threads_for(rows * dim, _PER_THREAD))
     return out
 
 
@@ -52,27 +51,25 @@ def silu_mul(gate_up: Tensor, out_dtype: torch.dtype) -> Tensor:
     gate_up = gate_up.contiguous()
     rows, width = gate_up.shape
     out = torch.empty(rows, width // 2, dtype=out_dtype)
-    run_split(library().sirocco_silu_mul,
-              (gate_up.data_ptr(), out.data_ptr(), _flag(gate_up), _flag(out), width // 2),
-              rows, (), threads_for(rows * width * 4, rows, _PER_THREAD))
+    library().sirocco_silu_mul(gate_up.data_ptr(), out.data_ptr(), _flag(gate_up), _flag(out),
+                               width // 2, rows, threads_for(rows * width * 4, _PER_THREAD))
     return out
 
 
 def rope_store(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Tensor,
-               v_cache: Tensor, heads: int, kv_heads: int) -> Tensor:
+               v_cache: Tensor, heads: int) -> Tensor:
     """RoPE on the q and k heads of qkv [T, (heads + 2 kv_heads) * head_dim]; writes k and
-    v into the float32 caches [num_blocks, block_size, kv_heads, head_dim] at `slots`
-    (int64 [T]); returns q [T, heads, head_dim] (float32)."""
+    v into the float32 caches at `slots` (int64 [T]): k_cache [num_blocks, kv_heads,
+    head_dim, block_size] (transposed), v_cache [num_blocks, block_size, kv_heads,
+    head_dim]. Returns q [T, heads, head_dim] (float32)."""
     qkv = qkv.contiguous()
     rows = qkv.shape[0]
-    head_dim = k_cache.shape[-1]
+    _, kv_heads, head_dim, block_size = k_cache.shape
     assert k_cache.dtype == v_cache.dtype == torch.float32 and slots.dtype == torch.int64
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     q = torch.empty(rows, heads, head_dim)
-    run_split(library().sirocco_rope_store,
-              (qkv.data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
-               slots.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-               _flag(qkv)),
-              rows, (heads, kv_heads, head_dim),
-              threads_for(rows * qkv.shape[1] * 2, rows, _PER_THREAD))
+    library().sirocco_rope_store(
+        qkv.data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
+        slots.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _flag(qkv), rows,
+        heads, kv_heads, head_dim, block_size, threads_for(rows * qkv.shape[1] * 2, _PER_THREAD))
     return q

@@ -1,11 +1,17 @@
 """Sirocco's C kernels (`csrc/*.c`): built at run time, called through ctypes.
 
-The sources are compiled together on first use with the system's C compiler (about two
+The sources are compiled together on first use with the system's C compiler (a few
 seconds) into one shared library, cached under a key of the sources, the flags and the CPU,
-and called through ctypes, which releases the GIL: a kernel's work can be split between
-threads of a pool. They are plain C (no PyTorch headers), built with no -ffast-math (the
-compiler may not reassociate sums) and -ffp-contract=off (it may not fuse a multiply and
-an add in some loops and not in others), so their arithmetic is one fixed order.
+and called through ctypes. They are plain C (no PyTorch headers), built with no -ffast-math
+(the compiler may not reassociate sums) and -ffp-contract=off (it may not fuse a multiply
+and an add in some loops and not in others), so their arithmetic is one fixed order.
+
+A kernel splits its work between threads with OpenMP. The library links `libgomp.so.1`,
+which the dynamic loader resolves to the copy PyTorch has already loaded: the kernels run
+in PyTorch's own thread pool, whose threads are awake right after a matrix multiplication
+(a pool of our own competed with them for the cores, and attention ran slower on two
+threads than on one). Where the compiler has no OpenMP, or that library does not load, the
+kernels are built without it and run on one thread.
 
 Where no compiler is found, `library()` is None and the model keeps PyTorch's operators.
 """
@@ -19,8 +25,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -30,15 +34,17 @@ log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off",
-         "-fopenmp-simd", "-std=c11"]
+         "-std=c11"]
+THREADED, SERIAL = ["-fopenmp"], ["-fopenmp-simd"]
 
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-# Every exported function: (argument types, return type).
+# Every exported function: (argument types, return type); each takes its thread count last.
 SIGNATURES: dict[str, tuple[list, type | None]] = {
-    "sirocco_paged_attention": ([_P] * 8 + [_I64] * 3 + [_I] * 6 + [_F], _I),
-    "sirocco_rms_norm": ([_P] * 4 + [_I] * 2 + [_I64] * 3 + [_F], None),
-    "sirocco_silu_mul": ([_P] * 2 + [_I] * 2 + [_I64] * 3, None),
-    "sirocco_rope_store": ([_P] * 7 + [_I] + [_I64] * 2 + [_I] * 3, None),
+    "sirocco_paged_attention": ([_P] * 8 + [_I64] + [_I] * 6 + [_F, _I], _I),
+    "sirocco_rms_norm": ([_P] * 4 + [_I] * 2 + [_I64] * 2 + [_F, _I], None),
+    "sirocco_silu_mul": ([_P] * 2 + [_I] * 2 + [_I64] * 2 + [_I], None),
+    "sirocco_rope_store": ([_P] * 7 + [_I, _I64] + [_I] * 5, None),
+    "sirocco_qmatmul": ([_P] * 5 + [_I64] * 3 + [_I] * 2, None),
 }
 
 
@@ -57,6 +63,32 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _build(compiler: str, flags: list[str]) -> tuple[Path | None, str]:
+    """The library built with `flags` (cached), or None and the compiler's complaint."""
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)
+                         + " ".join(flags).encode() + _cpu_signature().encode())
+    target = _cache_dir() / f"sirocco-kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target, ""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built), "-lm"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            return None, result.stderr[-2000:]
+        os.replace(built, target)  # atomic: concurrent starts never load half a file
+    return target, ""
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, (argtypes, restype) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
 @cache
 def library() -> ctypes.CDLL | None:
     """The kernels, compiled on first use; None (logged) where no C compiler builds them."""
@@ -65,48 +97,22 @@ def library() -> ctypes.CDLL | None:
         log.warning("no C compiler found: the model runs PyTorch's operators, and attention "
                     "depends on the batch (see the README's Exactness section)")
         return None
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)
-                         + " ".join(FLAGS).encode() + _cpu_signature().encode())
-    target = _cache_dir() / f"sirocco-kernels-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built),
-                                     "-lm"], capture_output=True, text=True)
-            if result.returncode != 0:
-                log.warning("could not compile Sirocco's kernels (%s): the model runs "
-                            "PyTorch's operators\n%s", compiler, result.stderr[-2000:])
-                return None
-            os.replace(built, target)  # atomic: concurrent starts never load half a file
-    lib = ctypes.CDLL(str(target))
-    for name, (argtypes, restype) in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, restype
-    return lib
+    path, error = _build(compiler, FLAGS + THREADED)
+    if path is not None:
+        try:
+            return _load(path)
+        except OSError as exc:  # e.g. a libgomp older than the compiler's
+            error = str(exc)
+    log.warning("Sirocco's kernels run on one thread: no OpenMP build (%s)", error.strip()[-500:])
+    path, error = _build(compiler, FLAGS + SERIAL)
+    if path is None:
+        log.warning("could not compile Sirocco's kernels (%s): the model runs PyTorch's "
+                    "operators\n%s", compiler, error)
+        return None
+    return _load(path)
 
 
-@cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="sirocco-kernel")
-
-
-def threads_for(work: float, items: int, per_thread: float) -> int:
-    """How many threads share `items` work items costing `work` in all: one where the
-    work is under `per_thread` (handing it to a pool would cost more than it saves), at
-    most `torch.get_num_threads()` and `items`."""
-    if work < per_thread:
-        return 1
-    return max(1, min(torch.get_num_threads(), items, int(work // per_thread)))
-
-
-def run_split(fn: Callable[..., object], before: Sequence[object], items: int,
-              after: Sequence[object], threads: int) -> list[object]:
-    """fn(*before, first, last, *after) over items [0, items) in `threads` ranges, in
-    parallel; the results of each range."""
-    if threads <= 1 or items <= 1:
-        return [fn(*before, 0, items, *after)]
-    bounds = [items * i // threads for i in range(threads + 1)]
-    futures = [_pool(threads).submit(fn, *before, lo, hi, *after)
-               for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
-    return [f.result() for f in futures]
+def threads_for(work: float, per_thread: float) -> int:
+    """Threads for a call of `work` (in the caller's units): one where the work is under
+    `per_thread`, at most `torch.get_num_threads()`."""
+    return max(1, min(torch.get_num_threads(), int(work // per_thread)))

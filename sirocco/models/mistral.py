@@ -89,6 +89,8 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != self.input_dtype:
+            x = x.to(self.input_dtype)
         if x.dim() == 2 and x.shape[0] == 1:
             return self._matmul(x.expand(2, -1).contiguous())[:1]
         return self._matmul(x)
@@ -263,10 +265,14 @@ class Attention(nn.Module):
     def _forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch,
                        kv_cache: Tensor) -> Tensor:
         """The CPU float32 path: RoPE and the cache writes in one kernel, then the
-        batch-invariant attention over the paged cache."""
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        batch-invariant attention over the paged cache (`kv_cache` [2, num_blocks,
+        block_size, kv_heads, head_dim] in size)."""
+        num_blocks, block_size = kv_cache.shape[1:3]
+        # The keys' half of the cache holds each block transposed (the kernel's layout).
+        k_cache = kv_cache[0].view(num_blocks, self.n_kv_heads, self.head_dim, block_size)
+        v_cache = kv_cache[1]
         q = decoder_ops.rope_store(self.wqkv(x), cos, sin, batch.slot_mapping, k_cache, v_cache,
-                                   self.n_heads, self.n_kv_heads)
+                                   self.n_heads)
         out = paged_attention(q, k_cache, v_cache, batch.paged, self.sliding_window)
         return self.wo(out.view(x.shape[0], -1))
 

@@ -7,8 +7,8 @@ chunked, and whether its prefix came from the prefix cache. It also reads keys a
 where they lie in the cache, without gathering each sequence's blocks into a padded copy.
 
 The C file is built with the other kernels (`kernels.py`); the work items (a chunk of one
-sequence's queries, one KV head) are split between `torch.get_num_threads()` threads when
-there is enough work to share. Where no compiler is found, `available()` is False and the
+sequence's queries, one KV head) are split between PyTorch's threads when there is enough
+work to share. Where no compiler is found, `available()` is False and the
 model keeps PyTorch's attention.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sirocco.models.kernels import library, run_split, threads_for
+from sirocco.models.kernels import library, threads_for
 
 CHUNK = 32  # queries of one sequence per work item (they share one transposed copy of keys)
 
@@ -64,29 +64,35 @@ def available(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and library() is not None
 
 
-# Multiply-adds below which attention runs on one thread (a decode of one stream at a few
-# hundred positions is ~0.2 M: handing it to a pool cost more than it saved).
-_PER_THREAD = 1 << 20
+# Multiply-adds a thread takes at least (a decode of one stream at a few hundred positions
+# is ~0.2 M: it runs on one thread).
+_PER_THREAD = 1 << 18
+
+
+def transposed_keys(k_cache: Tensor) -> Tensor:
+    """Keys [num_blocks, block_size, kv_heads, head_dim] in the kernel's layout
+    [num_blocks, kv_heads, head_dim, block_size] (a copy)."""
+    return k_cache.permute(0, 2, 3, 1).contiguous()
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout: PagedLayout,
                     sliding_window: int | None) -> Tensor:
-    """Attention of packed queries q [T, heads, head_dim] over the cache blocks
-    [num_blocks, block_size, kv_heads, head_dim] of their sequences; [T, heads, head_dim]."""
-    assert q.dtype == torch.float32
+    """Attention of packed queries q [T, heads, head_dim] over the cache blocks of their
+    sequences: k_cache [num_blocks, kv_heads, head_dim, block_size] (each block's keys
+    transposed: `transposed_keys`), v_cache [num_blocks, block_size, kv_heads, head_dim].
+    Returns [T, heads, head_dim]."""
+    assert q.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
     q = q.contiguous()
     t, heads, head_dim = q.shape
-    _, block_size, kv_heads, _ = k_cache.shape
+    _, kv_heads, _, block_size = k_cache.shape
     out = torch.empty_like(q)
     num_chunks = layout.chunks.shape[0] - 1
-    items = num_chunks * kv_heads
-    args = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), layout.tables.data_ptr(),
-            layout.seq_of.data_ptr(), layout.pos_of.data_ptr(), layout.chunks.data_ptr(),
-            out.data_ptr(), num_chunks)
-    shape = (heads, kv_heads, head_dim, block_size, layout.tables.shape[1],
-             sliding_window or 0, head_dim ** -0.5)
-    threads = threads_for(layout.key_reads * heads * head_dim * 2, items, _PER_THREAD)
-    status = min(run_split(library().sirocco_paged_attention, args, items, shape, threads))
+    threads = threads_for(layout.key_reads * heads * head_dim * 2, _PER_THREAD)
+    status = library().sirocco_paged_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), layout.tables.data_ptr(),
+        layout.seq_of.data_ptr(), layout.pos_of.data_ptr(), layout.chunks.data_ptr(),
+        out.data_ptr(), num_chunks, heads, kv_heads, head_dim, block_size,
+        layout.tables.shape[1], sliding_window or 0, head_dim ** -0.5, threads)
     if status != 0:
         raise MemoryError("the paged attention kernel could not allocate its scores")
     return out

@@ -1,22 +1,23 @@
-"""Weight-only quantized linear layers on stock PyTorch kernels (`--quantization`).
+"""Weight-only quantized linear layers (`--quantization`).
 
 At one stream a decode step is bound by reading the weights: SmolLM2-135M reads ~540 MB
-a token in float32. `Int4Linear` keeps 4-bit weights with a scale and a zero per group
-of `group_size` inputs (w = (q - 8) * scale + zero, the convention of
-`torch.ops.aten._weight_int4pack_mm_for_cpu`); `Int8Linear` keeps 8-bit weights with one
-scale per output (w = q * scale, `torch.ops.aten._weight_int8pack_mm`). Both keep the
-layer's interface: float rows in, float rows out, no bias.
+a token in float32. `Int4Linear` keeps 4-bit weights q (0..15) with a scale and an offset per
+group of 32 inputs of an output (w = q * scale + offset: GGUF's Q4_1); `Int8Linear` keeps
+8-bit weights (-127..127) with a scale per group of 32 (w = q * scale: GGUF's Q8_0). Both
+keep the layer's interface: float rows in, float rows out, no bias.
 
-The kernels run in bfloat16: with float32 activations the CPU kernels are ~10x slower
-than a packed float32 matmul (measured), with bfloat16 several times faster. So a layer
-rounds its input rows to bfloat16 for the matmul and hands the result back in the input's
-dtype; the model's residual stream, norms and attention keep their own precision.
+On a CPU they run Sirocco's kernel (`csrc/qmatmul.c`): float32 rows, each weight
+dequantized to float32 exactly as the file defines it, one order of sums per output. So a
+layer made from a GGUF file's own blocks computes what the float32 model dequantized from that
+file computes, up to the order of its sums, and a row's result does not depend on the batch.
+A file's Q4_1 blocks are adopted as they are (`Int4Linear.from_q4_1`); other float weights are
+quantized group-wise from their min and max, or their largest magnitude for 8 bits
+(`from_float`), which gives back the very blocks of a file that llama.cpp quantized to Q8_0,
+and of Q4_1 without an importance matrix.
 
-A GGUF file's Q4_1 blocks (w = d * q + m per block of 32, d and m float16) map onto the
-int4 layout exactly, up to the kernel's bfloat16 scale and zero: scale = d,
-zero = m + 8 d (`Int4Linear.from_q4_1`). Any other float weight is quantized group-wise
-from its min and max (`Int4Linear.from_float`), which gives back the same blocks for a
-file that llama.cpp quantized without an importance matrix.
+Elsewhere (CUDA, or no C compiler) PyTorch's kernels serve: int4 on
+`aten._weight_int4pack_mm` (tinygemm; `_for_cpu` on a CPU), whose rows, scales and offsets
+are bfloat16, and int8 on the weights dequantized at each call.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sirocco.models.kernels import library, threads_for
 
 logger = logging.getLogger(__name__)
 
@@ -34,34 +38,64 @@ QUANTIZATIONS = ("auto", "none", "int8", "int4")
 # weights' precision (llama.cpp files keep it at 6 or 8 bits: SmolLM2's Q4_1 file has it in
 # Q8_0), and int4 re-quantized it made SmolLM2 answer "L'Étoile" for the capital of France.
 HEAD_MODE = {"int8": "int8", "int4": "int8"}
-INT4_GROUP_SIZE = 32
-_KERNEL_DTYPE = torch.bfloat16
-_INNER_K_TILES = 2  # int4 packing parameter of the CPU kernel (and CUDA's tinygemm)
+GROUP_SIZE = 32  # inputs per scale, both modes (the kernel's GROUP)
+_TILE = 16  # outputs per tile of the kernel's layout (its LANES)
+_TORCH_DTYPE = torch.bfloat16  # PyTorch's int4 kernels take bfloat16 rows
+_INNER_K_TILES = 2  # int4 packing parameter of PyTorch's kernels
+_PER_THREAD = 1 << 18  # multiply-adds a thread takes at least
+
+
+def _own_kernel(device: torch.device) -> bool:
+    return device.type == "cpu" and library() is not None
+
+
+def _tiles(t: Tensor) -> Tensor:
+    """[out, n] -> [out / 16, n, 16]: each tile's 16 outputs side by side."""
+    out, n = t.shape
+    return t.reshape(out // _TILE, _TILE, n).transpose(1, 2).contiguous()
+
+
+def _qmatmul(x: Tensor, weights: Tensor, scales: Tensor, offsets: Tensor, out_features: int,
+             bits: int) -> Tensor:
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    m, k = rows.shape
+    y = torch.empty(m, out_features)
+    library().sirocco_qmatmul(rows.data_ptr(), weights.data_ptr(), scales.data_ptr(),
+                              offsets.data_ptr(), y.data_ptr(), m, out_features, k, bits,
+                              threads_for(m * out_features * k, _PER_THREAD))
+    return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
 class Int4Linear(nn.Module):
     """A bias-free linear layer with 4-bit weights, group-wise asymmetric.
 
-    q [out, in] integers 0..15; scales, zeros [out, in // group_size].
+    q [out, in] integers 0..15; scales, offsets [out, in // group_size]: w = q * scale + offset.
     """
 
-    input_dtype = _KERNEL_DTYPE  # rows in any other dtype are rounded to it first
-
-    def __init__(self, q: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> None:
+    def __init__(self, q: Tensor, scales: Tensor, offsets: Tensor, group_size: int) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
         self.from_q4_1_blocks = False
-        if self.in_features % group_size:
-            raise ValueError(f"in_features {self.in_features} is not a multiple of the "
-                             f"group size {group_size}")
+        if self.in_features % group_size or self.out_features % _TILE:
+            raise ValueError(f"a {self.out_features} x {self.in_features} weight does not split "
+                             f"into groups of {group_size} inputs and tiles of {_TILE} outputs")
+        self.own_kernel = _own_kernel(q.device) and group_size == GROUP_SIZE
+        self.input_dtype = torch.float32 if self.own_kernel else _TORCH_DTYPE
+        if self.own_kernel:
+            pairs = _tiles(q.to(torch.uint8)).view(self.out_features // _TILE, -1, 2, _TILE)
+            self.register_buffer("packed", (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).contiguous())
+            self.register_buffer("scales", _tiles(scales.float()))
+            self.register_buffer("offsets", _tiles(offsets.float()))
+            return
         self.register_buffer("packed", _pack_int4(q.to(torch.int32)))
-        # The kernel wants [in // group_size, out, 2] in the activations' dtype.
-        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1)
-                             .transpose(0, 1).to(_KERNEL_DTYPE).contiguous())
+        # PyTorch's convention: w = (q - 8) * scale + zero, as [in // group_size, out, 2].
+        zeros = offsets.float() + 8 * scales.float()
+        self.register_buffer("scales_and_zeros", torch.stack([scales.float(), zeros], dim=-1)
+                             .transpose(0, 1).to(_TORCH_DTYPE).contiguous())
 
     @classmethod
-    def from_float(cls, weight: Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
+    def from_float(cls, weight: Tensor, group_size: int = GROUP_SIZE) -> Int4Linear:
         """Quantize [out, in] weights: each group of inputs spans its min to its max in 15 steps."""
         out_features, in_features = weight.shape
         w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
@@ -69,7 +103,7 @@ class Int4Linear(nn.Module):
         scales = (high - low) / 15
         step = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
         q = ((w - low.unsqueeze(-1)) / step).round().clamp(0, 15).reshape(weight.shape)
-        return cls(q, scales, low + 8 * scales, group_size)
+        return cls(q, scales, low, group_size)
 
     @classmethod
     def from_q4_1(cls, d: Tensor, m: Tensor, q: Tensor) -> Int4Linear:
@@ -77,14 +111,14 @@ class Int4Linear(nn.Module):
 
         d, m [out, in // 32] (float16 in the file); q [out, in] integers 0..15.
         """
-        group_size = q.shape[1] // d.shape[1]
-        d, m = d.float(), m.float()
-        layer = cls(q, d, m + 8 * d, group_size)
+        layer = cls(q, d.float(), m.float(), q.shape[1] // d.shape[1])
         layer.from_q4_1_blocks = True
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)
+        if self.own_kernel:
+            return _qmatmul(x, self.packed, self.scales, self.offsets, self.out_features, 4)
+        rows = x.reshape(-1, self.in_features).to(_TORCH_DTYPE)
         if self.packed.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(rows, self.packed, self.group_size,
                                                    self.scales_and_zeros)
@@ -95,7 +129,7 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}")
+                f"group_size={self.group_size}, kernel={'own' if self.own_kernel else 'torch'}")
 
 
 def _pack_int4(q: Tensor) -> Tensor:
@@ -108,30 +142,45 @@ def _pack_int4(q: Tensor) -> Tensor:
 
 
 class Int8Linear(nn.Module):
-    """A bias-free linear layer with 8-bit weights and one scale per output (symmetric)."""
+    """A bias-free linear layer with 8-bit weights, a scale per group of 32 inputs (symmetric).
 
-    input_dtype = _KERNEL_DTYPE
+    q [out, in] integers -127..127; scales [out, in // 32]: w = q * scale.
+    """
 
     def __init__(self, q: Tensor, scales: Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("q", q.to(torch.int8).contiguous())
-        self.register_buffer("scales", scales.to(_KERNEL_DTYPE).contiguous())
+        if self.in_features % GROUP_SIZE or self.out_features % _TILE:
+            raise ValueError(f"a {self.out_features} x {self.in_features} weight does not split "
+                             f"into groups of {GROUP_SIZE} inputs and tiles of {_TILE} outputs")
+        self.own_kernel = _own_kernel(q.device)
+        self.input_dtype = torch.float32
+        q = q.to(torch.int8)
+        self.register_buffer("q", _tiles(q) if self.own_kernel else q.contiguous())
+        self.register_buffer("scales", _tiles(scales.float()) if self.own_kernel
+                             else scales.float().contiguous())
 
     @classmethod
     def from_float(cls, weight: Tensor) -> Int8Linear:
-        w = weight.detach().float()
-        scales = w.abs().amax(dim=1) / 127
-        step = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1)
-        return cls((w / step).round().clamp(-127, 127), scales)
+        """Quantize [out, in] weights: each group of 32 inputs in 127 steps of its largest
+        magnitude (a Q8_0 block's own scale, recovered exactly from its dequantized weights)."""
+        out_features, in_features = weight.shape
+        w = weight.detach().float().reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
+        scales = w.abs().amax(dim=-1) / 127
+        step = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
+        q = (w / step).round().clamp(-127, 127).reshape(weight.shape)
+        return cls(q, scales)
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scales)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self.own_kernel:
+            return _qmatmul(x, self.q, self.scales, self.scales, self.out_features, 8)
+        weight = (self.q.float().view(self.out_features, -1, GROUP_SIZE)
+                  * self.scales.unsqueeze(-1)).view(self.out_features, self.in_features)
+        return F.linear(x.float(), weight).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"kernel={'own' if self.own_kernel else 'torch'}")
 
 
 # GGUF blocks, one row of the raw tensor per output feature.
@@ -156,11 +205,6 @@ def split_q4_1_blocks(state_dict: dict[str, Tensor]
     return weights, blocks
 
 
-# `auto` follows a GGUF file's precision class only once a quantized mode has been measured
-# to keep the default model's plain-fact answers and to be faster (README, "Quantization").
-AUTO_FOLLOWS_FILE = False
-
-
 def file_precision_class(tensor_types: list[str] | None) -> str:
     """The mode a checkpoint's own precision calls for: a GGUF file with 2- to 4-bit
     tensors -> "int4", with 5- to 8-bit ones -> "int8", float only (or not a GGUF
@@ -177,19 +221,17 @@ def resolve_quantization(mode: str, tensor_types: list[str] | None = None) -> st
     """The layers' quantization for `--quantization` and the checkpoint's tensor types
     (a converted GGUF file's, None for safetensors).
 
-    "auto" is `file_precision_class` where `AUTO_FOLLOWS_FILE`, else "none" (logged).
+    "auto" is `file_precision_class`: a GGUF file is served at the precision it was made
+    in (from its own Q4_1 blocks where it has them), a float checkpoint in float.
     """
     if mode not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {mode!r}; use {', '.join(QUANTIZATIONS)}")
     if mode != "auto":
         return mode
-    file_class = file_precision_class(tensor_types)
-    if AUTO_FOLLOWS_FILE or file_class == "none":
-        return file_class
-    logger.info("quantization auto: none, though the file's class is %s: on SmolLM2 that "
-                "mode loses plain-fact answers or speed (README, Quantization); pass "
-                "--quantization %s to serve it", file_class, file_class)
-    return "none"
+    picked = file_precision_class(tensor_types)
+    if picked != "none":
+        logger.info("quantization auto: %s, the precision class of the file's tensors", picked)
+    return picked
 
 
 def unpack_q4_1(raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,10 +256,8 @@ def dequantize_q4_1(raw: Tensor) -> Tensor:
 
 def can_quantize(in_features: int, out_features: int, mode: str) -> bool:
     """Whether the kernels of `mode` take a layer of this shape."""
-    if mode == "int4":  # the CPU packing wants out % 16, CUDA's in % 32
-        return in_features % INT4_GROUP_SIZE == 0 and out_features % 16 == 0
-    # The int8 CPU kernel gave garbage (or crashed) for in % 16 != 0 (torch 2.13).
-    return mode == "int8" and in_features % 16 == 0
+    # groups of 32 inputs, tiles of 16 outputs (PyTorch's CPU int4 packing wants out % 16 too)
+    return mode in ("int4", "int8") and in_features % GROUP_SIZE == 0 and out_features % _TILE == 0
 
 
 def quantize_linear(weight: Tensor, mode: str, q4_1_parts: list[Tensor] | None = None

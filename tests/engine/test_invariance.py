@@ -100,19 +100,23 @@ def _reference(q, k_cache, v_cache, table, pos, window):
 
 @pytest.mark.skipif(not paged_attention.available(torch.float32, torch.device("cpu")),
                     reason="no C compiler: the model keeps PyTorch's attention")
-@pytest.mark.parametrize("head_dim, window", [(64, None), (48, 37)])
-def test_the_kernel_matches_attention_and_ignores_the_batch(head_dim, window):
+# Blocks of 16 hold whole groups of 16 keys, which the kernel reads in place; blocks of 8
+# make it gather them first.
+@pytest.mark.parametrize("head_dim, window, block", [(64, None, 16), (48, 37, 16), (64, 37, 8)])
+def test_the_kernel_matches_attention_and_ignores_the_batch(head_dim, window, block):
     torch.manual_seed(0)
-    heads, kv_heads, block = 6, 2, 16
-    k_cache = torch.randn(40, block, kv_heads, head_dim)
-    v_cache = torch.randn(40, block, kv_heads, head_dim)
+    heads, kv_heads, split = 6, 2, 16 // block
+    k_cache = torch.randn(40 * split, block, kv_heads, head_dim)
+    v_cache = torch.randn(40 * split, block, kv_heads, head_dim)
     tables = [[7, 3, 30, 12, 5, 22, 9, 1], [2, 11, 4], [39, 38, 37, 36, 35, 34, 33, 32, 31]]
+    tables = [[b * split + i for b in table for i in range(split)] for table in tables]
     # a prompt of 70 tokens from position 50 (three chunks), one decode at 20, one at 140
     starts, counts = [50, 20, 140], [70, 1, 1]
     layout = paged_attention.PagedLayout.build(tables, starts, counts)
     assert layout.chunks.tolist() == [0, 32, 64, 70, 71, 72]
     q = torch.randn(72, heads, head_dim)
-    out = paged_attention.paged_attention(q, k_cache, v_cache, layout, window)
+    keys = paged_attention.transposed_keys(k_cache)  # the layout the engine's cache keeps
+    out = paged_attention.paged_attention(q, keys, v_cache, layout, window)
     rows = [(0, p) for p in range(50, 120)] + [(1, 20), (2, 140)]
     for t, (seq, pos) in enumerate(rows):
         expected = _reference(q[t], k_cache, v_cache, tables[seq], pos, window)
@@ -120,5 +124,5 @@ def test_the_kernel_matches_attention_and_ignores_the_batch(head_dim, window):
     # each query alone, and the prompt as one chunk of one token at a time: bitwise the same
     for t, (seq, pos) in enumerate(rows):
         alone = paged_attention.PagedLayout.build([tables[seq]], [pos], [1])
-        single = paged_attention.paged_attention(q[t:t + 1], k_cache, v_cache, alone, window)
+        single = paged_attention.paged_attention(q[t:t + 1], keys, v_cache, alone, window)
         assert torch.equal(single[0], out[t]), (t, seq, pos)

@@ -10,7 +10,8 @@
  * kernels take and give bfloat16 rows, the float32 ones float32 rows. Arithmetic is float32;
  * a bfloat16 result is rounded to nearest even, as PyTorch rounds.
  *
- * Built by sirocco/models/kernels.py with the other kernels.
+ * Built by sirocco/models/kernels.py with the other kernels; `threads` share the rows (an
+ * OpenMP loop, in PyTorch's own OpenMP pool, where the build has OpenMP).
  */
 #include <math.h>
 #include <stdint.h>
@@ -68,13 +69,14 @@ static inline float exp_f32(float x) {
     return p * scale;
 }
 
-/* Rows first..last-1 of x [rows, dim] (float32, the residual stream): x += delta where
- * delta [rows, dim] is given, then out = x / sqrt(mean(x^2) + eps) * weight. The sum of
- * squares puts element d in lane d % 16 and adds the lanes in a fixed tree. */
+/* x [rows, dim] (float32, the residual stream): x += delta where delta [rows, dim] is given,
+ * then out = x / sqrt(mean(x^2) + eps) * weight. The sum of squares puts element d in lane
+ * d % 16 and adds the lanes in a fixed tree. */
 void sirocco_rms_norm(float *x, const void *delta, const float *weight, void *out,
-                      int delta_bf16, int out_bf16, int64_t dim, int64_t first, int64_t last,
-                      float eps) {
-    for (int64_t r = first; r < last; r++) {
+                      int delta_bf16, int out_bf16, int64_t dim, int64_t rows, float eps,
+                      int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
         float *restrict xr = x + r * dim;
         if (delta != NULL) {
             if (delta_bf16) {
@@ -105,11 +107,12 @@ void sirocco_rms_norm(float *x, const void *delta, const float *weight, void *ou
     }
 }
 
-/* Rows first..last-1 of gate_up [rows, 2 * inter] (gate, then up): out [rows, inter] =
- * silu(gate) * up, silu(g) = g / (1 + e^-g). */
+/* gate_up [rows, 2 * inter] (gate, then up): out [rows, inter] = silu(gate) * up,
+ * silu(g) = g / (1 + e^-g). */
 void sirocco_silu_mul(const void *gate_up, void *out, int in_bf16, int out_bf16, int64_t inter,
-                      int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; r++) {
+                      int64_t rows, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
         const int64_t in_row = r * 2 * inter, out_row = r * inter;
         for (int64_t i = 0; i < inter; i++) {
             const float g = load(gate_up, in_bf16, in_row + i);
@@ -119,26 +122,33 @@ void sirocco_silu_mul(const void *gate_up, void *out, int in_bf16, int out_bf16,
     }
 }
 
-/* Tokens first..last-1 of qkv [T, H + 2 KVH heads, D] (the q heads, then k, then v): RoPE
+/* The tokens of qkv [T, H + 2 KVH heads, D] (the q heads, then k, then v): RoPE
  * (rotate-half: x * cos + rotate_half(x) * sin, cos and sin [T, D]) on the q and k heads;
- * q goes to q_out [T, H, D], k and v to the caches [num_slots, KVH, D] (float32) at the
- * token's slot. */
+ * q goes to q_out [T, H, D], k and v to the float32 caches at the token's slot (block *
+ * block_size + offset): k_cache [blocks, KVH, D, block_size] (transposed, as the attention
+ * kernel reads it), v_cache [blocks, block_size, KVH, D]. */
 void sirocco_rope_store(const void *qkv, const float *cos_, const float *sin_,
                         const int64_t *slots, float *q_out, float *k_cache, float *v_cache,
-                        int in_bf16, int64_t first, int64_t last, int H, int KVH, int D) {
+                        int in_bf16, int64_t T, int H, int KVH, int D, int block_size,
+                        int threads) {
     const int half = D / 2;
     const int64_t row = (int64_t)(H + 2 * KVH) * D;
-    for (int64_t t = first; t < last; t++) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
         const float *restrict c = cos_ + t * D, *restrict s = sin_ + t * D;
+        const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
         for (int h = 0; h < H + KVH; h++) {
             const int64_t src = t * row + (int64_t)h * D;
+            /* q rows are contiguous; a key's dimensions lie block_size apart */
             float *restrict dst = h < H ? q_out + (t * H + h) * D
-                                        : k_cache + (slots[t] * KVH + (h - H)) * D;
+                                        : k_cache + (block * KVH + (h - H)) * D * block_size
+                                              + offset;
+            const int64_t step = h < H ? 1 : block_size;
             for (int d = 0; d < half; d++) {
                 const float x = load(qkv, in_bf16, src + d);
                 const float y = load(qkv, in_bf16, src + d + half);
-                dst[d] = x * c[d] + (-y) * s[d];
-                dst[d + half] = y * c[d + half] + x * s[d + half];
+                dst[d * step] = x * c[d] + (-y) * s[d];
+                dst[(d + half) * step] = y * c[d + half] + x * s[d + half];
             }
         }
         for (int h = 0; h < KVH; h++) {

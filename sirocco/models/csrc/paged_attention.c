@@ -9,15 +9,16 @@
  * computed in this step: the invariance PyTorch's flash kernel does not give (it blocks
  * queries and keys by the shape of the batch).
  *
- * Work is split in items (a chunk of up to a few dozen queries of one sequence, one KV head):
- * an item copies its sequence's keys once into a transposed buffer (16 positions side by
- * side, so that 16 scores are one vector FMA per dimension), which its queries share, and the
- * query heads of one KV head go through the keys and values together. Sharing loads does no
- * arithmetic, so it changes no result.
+ * The key cache keeps each block's keys transposed ([block][kv head][d][offset]), so that 16
+ * consecutive positions side by side make 16 scores one vector FMA per dimension, read where
+ * they lie (a block size that is not a multiple of 16 gathers them into a buffer first, with
+ * the same arithmetic). Work is split in items (a chunk of up to a few dozen queries of one
+ * sequence, one KV head), and the query heads of one KV head go through the keys and values
+ * together. Sharing loads does no arithmetic, so it changes no result.
  *
- * Built at run time by sirocco/models/paged_attention.py (plain C, no PyTorch headers), with
- * no -ffast-math (the compiler may not reassociate the sums) and -ffp-contract=off (it may
- * not fuse other multiply-adds in some loops and not in others).
+ * Built at run time by sirocco/models/kernels.py (plain C, no PyTorch headers), with no
+ * -ffast-math (the compiler may not reassociate the sums) and -ffp-contract=off (it may not
+ * fuse other multiply-adds in some loops and not in others).
  */
 #include <math.h>
 #include <stdint.h>
@@ -51,26 +52,30 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* Scores of one query against `count` (1 or UNROLL) groups of LANES keys, transposed
- * (kt[group][d][lane]): each a sum over d in order, times `scale`. */
+/* Scores of one query against `count` (1 or UNROLL) groups of LANES keys, transposed: key
+ * l of group u, dimension d at kt[u][d * stride + l]. Each a sum over d in order, times
+ * `scale`. */
 static inline __attribute__((always_inline)) void score_groups(
-        const float *restrict qh, const float *restrict kt, float *restrict s, const int count,
-        const int D, float scale) {
+        const float *restrict qh, const float *const *kt, const int64_t stride,
+        float *restrict s, const int count, const int D, float scale) {
     float acc[UNROLL][LANES] = {{0}};
     for (int d = 0; d < D; d++) {
         const float qd = qh[d];
         for (int u = 0; u < count; u++) {
+            const float *restrict k = kt[u] + d * stride;
 #pragma omp simd
-            for (int l = 0; l < LANES; l++)
-                acc[u][l] = fmaf(qd, kt[((int64_t)u * D + d) * LANES + l], acc[u][l]);
+            for (int l = 0; l < LANES; l++) acc[u][l] = fmaf(qd, k[l], acc[u][l]);
         }
     }
     for (int u = 0; u < count; u++)
         for (int l = 0; l < LANES; l++) s[u * LANES + l] = acc[u][l] * scale;
 }
 
-static inline int64_t slot_of(const int32_t *table, int pos, int block_size) {
-    return (int64_t)table[pos / block_size] * block_size + pos % block_size;
+/* Where key `pos`, dimension 0, of KV head kvh lies: keys are stored [block][kvh][d][offset]. */
+static inline const float *key_at(const float *k_cache, const int32_t *table, int pos,
+                                  int block_size, int KVH, int kvh, int D) {
+    return k_cache + (((int64_t)table[pos / block_size] * KVH + kvh) * D) * block_size
+           + pos % block_size;
 }
 
 /* The work of items first..last-1, with the head size a constant where it is a common one
@@ -82,6 +87,7 @@ static inline __attribute__((always_inline)) int attend(
         int64_t num_chunks, int64_t first, int64_t last, int H, int KVH, const int D,
         int block_size, int max_blocks, int window, float scale) {
     const int g = H / KVH;
+    const int direct = block_size % LANES == 0;
     float *keys_t = NULL, *scores = NULL;
     int64_t keys_capacity = 0, scores_capacity = 0;
     float *acc = malloc(sizeof(float) * g * D);  /* the outputs of the g heads of a query */
@@ -94,7 +100,7 @@ static inline __attribute__((always_inline)) int attend(
         const int first_pos = pos_of[t0], last_pos = pos_of[t1 - 1];
         const int lo0 = (window > 0 && first_pos - window + 1 > 0) ? first_pos - window + 1 : 0;
         const int g0 = lo0 / LANES, g1 = last_pos / LANES + 1;  /* key groups of the item */
-        const int64_t need_keys = (int64_t)(g1 - g0) * D * LANES;
+        const int64_t need_keys = direct ? 0 : (int64_t)(g1 - g0) * D * LANES;
         const int64_t need_scores = (int64_t)g * (g1 - g0) * LANES;
         if (need_keys > keys_capacity) {
             free(keys_t);
@@ -106,22 +112,26 @@ static inline __attribute__((always_inline)) int attend(
             scores_capacity = need_scores * 2;
             scores = malloc(sizeof(float) * scores_capacity);
         }
-        if (keys_t == NULL || scores == NULL) {
+        if ((keys_t == NULL && need_keys > 0) || scores == NULL) {
             free(keys_t);
             free(scores);
             free(acc);
             return -1;
         }
-        /* keys_t[group][d][lane]; lanes past last_pos repeat its key (never used) */
-        for (int gi = g0; gi < g1; gi++) {
-            float *dst = keys_t + (int64_t)(gi - g0) * D * LANES;
-            for (int l = 0; l < LANES; l++) {
-                int pos = gi * LANES + l;
-                pos = pos > last_pos ? last_pos : pos;
-                const float *key = k_cache + (slot_of(table, pos, block_size) * KVH + kvh) * D;
-                for (int d = 0; d < D; d++) dst[d * LANES + l] = key[d];
+        /* The keys of each group of LANES positions, transposed: in the cache itself where
+         * a block holds whole groups, else gathered into keys_t[group][d][lane] (lanes past
+         * last_pos repeat its key). Either way a score's arithmetic is the same. */
+        if (!direct)
+            for (int gi = g0; gi < g1; gi++) {
+                float *dst = keys_t + (int64_t)(gi - g0) * D * LANES;
+                for (int l = 0; l < LANES; l++) {
+                    int pos = gi * LANES + l;
+                    pos = pos > last_pos ? last_pos : pos;
+                    const float *key = key_at(k_cache, table, pos, block_size, KVH, kvh, D);
+                    for (int d = 0; d < D; d++) dst[d * LANES + l] = key[(int64_t)d * block_size];
+                }
             }
-        }
+        const int64_t stride_k = direct ? block_size : LANES;
         /* The g query heads of this KV head go together: each group of keys and each
          * value row is loaded once for all of them; every head's arithmetic is unchanged. */
         const int64_t stride = (int64_t)(g1 - g0) * LANES;  /* one head's scores */
@@ -130,16 +140,19 @@ static inline __attribute__((always_inline)) int attend(
             const int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
             const int glo = lo / LANES, ghi = pos / LANES + 1;
             const float *qt = q + (t * H + (int64_t)kvh * g) * D;
-            int gi = glo;
-            for (; gi + UNROLL <= ghi; gi += UNROLL)
+            for (int gi = glo; gi < ghi;) {
+                const int count = gi + UNROLL <= ghi ? UNROLL : 1;
+                const float *kt[UNROLL];
+                for (int u = 0; u < count; u++)
+                    kt[u] = direct ? key_at(k_cache, table, (gi + u) * LANES, block_size, KVH,
+                                            kvh, D)
+                                   : keys_t + (int64_t)(gi + u - g0) * D * LANES;
                 for (int h = 0; h < g; h++)
-                    score_groups(qt + (int64_t)h * D, keys_t + (int64_t)(gi - g0) * D * LANES,
-                                 scores + h * stride + (int64_t)(gi - g0) * LANES, UNROLL, D,
+                    score_groups(qt + (int64_t)h * D, kt, stride_k,
+                                 scores + h * stride + (int64_t)(gi - g0) * LANES, count, D,
                                  scale);
-            for (; gi < ghi; gi++)
-                for (int h = 0; h < g; h++)
-                    score_groups(qt + (int64_t)h * D, keys_t + (int64_t)(gi - g0) * D * LANES,
-                                 scores + h * stride + (int64_t)(gi - g0) * LANES, 1, D, scale);
+                gi += count;
+            }
             for (int h = 0; h < g; h++) {
                 /* keys lo..pos, at s[j]; their softmax in place, normalized */
                 float *s = scores + h * stride - (int64_t)g0 * LANES;
@@ -162,8 +175,9 @@ static inline __attribute__((always_inline)) int attend(
 #pragma omp simd
                     for (int l = 0; l < LANES; l++) {
                         const int j = gj * LANES + l;
-                        const float keep = (float)((j >= lo) & (j <= pos));
-                        sg[l] = exp_nonpositive(sg[l] - m) * keep;
+                        /* a select, not a product: a lane past the keys may hold
+                         * anything a freed block held */
+                        sg[l] = (j >= lo) & (j <= pos) ? exp_nonpositive(sg[l] - m) : 0.0f;
                         lanes[l] += sg[l];
                     }
                 }
@@ -198,22 +212,35 @@ static inline __attribute__((always_inline)) int attend(
     return 0;
 }
 
-/* q, out: [T, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D]; tables: [S, max_blocks];
- * seq_of, pos_of: [T] (positions ascending within a chunk); chunks: [num_chunks + 1] token
- * boundaries, each chunk within one sequence. Computes items first..last-1 of
- * num_chunks * KVH (item = kvh * num_chunks + chunk). Returns 0, or -1 if out of memory. */
+/* q, out: [T, H, D]; k_cache: [num_blocks, KVH, D, block_size] (a block's keys transposed);
+ * v_cache: [num_blocks, block_size, KVH, D]; tables: [S, max_blocks]; seq_of, pos_of: [T]
+ * (positions ascending within a chunk); chunks: [num_chunks + 1] token boundaries, each chunk
+ * within one sequence. The num_chunks * KVH items (item = kvh * num_chunks + chunk) are split
+ * in ranges between `threads` (an OpenMP loop where the build has OpenMP). Returns 0, or -1
+ * if out of memory. */
 int sirocco_paged_attention(const float *q, const float *k_cache, const float *v_cache,
                             const int32_t *tables, const int32_t *seq_of, const int32_t *pos_of,
-                            const int32_t *chunks, float *out, int64_t num_chunks, int64_t first,
-                            int64_t last, int H, int KVH, int D, int block_size, int max_blocks,
-                            int window, float scale) {
+                            const int32_t *chunks, float *out, int64_t num_chunks, int H, int KVH,
+                            int D, int block_size, int max_blocks, int window, float scale,
+                            int threads) {
+    const int64_t items = num_chunks * KVH;
+    /* a few ranges a thread, so that a long prompt's items do not leave a thread idle */
+    const int64_t ranges = threads > 1 ? (items < 4 * threads ? items : 4 * threads) : 1;
+    int status = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(min: status)
+    for (int64_t r = 0; r < ranges; r++) {
+        const int64_t first = items * r / ranges, last = items * (r + 1) / ranges;
+        int done;
 #define ATTEND(head_dim) attend(q, k_cache, v_cache, tables, seq_of, pos_of, chunks, out, \
                                 num_chunks, first, last, H, KVH, head_dim, block_size, \
                                 max_blocks, window, scale)
-    switch (D) {
-    case 64: return ATTEND(64);
-    case 128: return ATTEND(128);
-    default: return ATTEND(D);
-    }
+        switch (D) {
+        case 64: done = ATTEND(64); break;
+        case 128: done = ATTEND(128); break;
+        default: done = ATTEND(D);
+        }
 #undef ATTEND
+        status = done < status ? done : status;
+    }
+    return status;
 }
