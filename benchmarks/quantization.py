@@ -7,7 +7,11 @@ Prints, for each mode:
   absolute difference of the logits and the share of positions whose top-1 token agrees;
 - the greedy answers of the plain-fact prompts (tests/test_exactness.py's, and the README's);
 - decode tokens/s at 1 and 16 streams (128-token prompts, 64 new tokens, the engine stepped
-  directly; best of `--repeat`).
+  directly; best of `--repeat`);
+- where a decode step's time goes, at 1 and 16 streams: the matrix multiplications, the
+  attention kernel, the fused norm / RoPE / SiLU kernels, the sampler, and the rest (Python:
+  scheduling, batch tensors, bookkeeping), from timers the benchmark puts around each part's
+  entry point.
 
     python benchmarks/quantization.py                  # every mode
     python benchmarks/quantization.py --modes int4     # float32 and int4
@@ -19,13 +23,17 @@ import argparse
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sirocco.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from sirocco.engine import EngineConfig, LLMEngine, SamplingParams, model_runner  # noqa: E402
+from sirocco.models import decoder_ops, mistral, quantized  # noqa: E402
 from sirocco.models.gguf import convert_gguf, default_smollm2_gguf  # noqa: E402
 from sirocco.models.loader import inspect_checkpoint, load_tokenizer, load_weights  # noqa: E402
 from sirocco.models.mistral import AttentionBatch, AttentionGroup  # noqa: E402
@@ -78,6 +86,65 @@ def decode_rate(engine: LLMEngine, streams: int, new_tokens: int, repeat: int) -
     return best
 
 
+# Each part of a step: the entry points whose time it is.
+PARTS = {
+    "matmuls": [(mistral.PackedLinear, "forward"), (quantized.Int4Linear, "forward"),
+                (quantized.Int8Linear, "forward")],
+    "attention": [(mistral, "paged_attention")],
+    "norm/RoPE/SiLU": [(decoder_ops, "rms_norm"), (decoder_ops, "rope_store"),
+                       (decoder_ops, "silu_mul")],
+    "sampler": [(model_runner, "sample")],
+}
+
+
+@contextmanager
+def timed_parts() -> Iterator[dict[str, float]]:
+    """Seconds spent in each of PARTS while the block runs (the entry points wrapped)."""
+    spent: dict[str, float] = defaultdict(float)
+    saved = []
+    for part, points in PARTS.items():
+        for owner, name in points:
+            inner = getattr(owner, name)
+
+            def timer(*args, _inner=inner, _part=part, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _inner(*args, **kwargs)
+                finally:
+                    spent[_part] += time.perf_counter() - start
+
+            saved.append((owner, name, inner))
+            setattr(owner, name, timer)
+    try:
+        yield spent
+    finally:
+        for owner, name, inner in saved:
+            setattr(owner, name, inner)
+
+
+def step_split(engine: LLMEngine, streams: int, new_tokens: int) -> str:
+    """Milliseconds per decode step in each part, once every stream is past its prompt."""
+    g = torch.Generator().manual_seed(100 + streams)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for i in range(streams):
+        engine.add_request(f"split-{streams}-{i}",
+                           torch.randint(100, 49000, (128,), generator=g).tolist(), params)
+    started: set[str] = set()
+    while len(started) < streams:
+        started.update(out.request_id for out in engine.step())
+    steps, total = 0, 0.0
+    with timed_parts() as spent:
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            engine.step()
+            total += time.perf_counter() - start
+            steps += 1
+    parts = {part: spent[part] for part in PARTS}
+    parts["rest"] = total - sum(parts.values())
+    return f"{total / steps * 1000:.1f} ms = " + " + ".join(
+        f"{part} {t / steps * 1000:.1f}" for part, t in parts.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", nargs="+", default=["int8", "int4"])
@@ -108,6 +175,9 @@ def main() -> None:
             rate = decode_rate(engine, s, args.new_tokens, args.repeat)
             line.append(f"{s} streams {rate:.1f} tok/s")
         print(", ".join(line), flush=True)
+        for streams in (1, 16):
+            print(f"    decode step, {streams} stream(s): "
+                  f"{step_split(engine, streams, args.new_tokens)}", flush=True)
         for fact, ids in zip(FACTS, chats, strict=True):
             print(f"    {fact[-40:]!r} -> {tokenizer.decode(greedy(engine, ids))!r}", flush=True)
         del engine
