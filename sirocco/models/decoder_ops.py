@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sirocco.models.kernels import library, threads_for
+from sirocco.models.kernels import kernel, threads_for
 
 # Elements a thread takes at least: below, a call runs on one thread.
 _PER_THREAD = 1 << 15
@@ -39,10 +39,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype,
     out = torch.empty(rows, dim, dtype=out_dtype)
     if delta is not None:
         delta = delta.contiguous()
-    library().sirocco_rms_norm(
+    work = rows * dim
+    kernel("sirocco_rms_norm", work)(
         x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
         out.data_ptr(), 0 if delta is None else _flag(delta), _flag(out), dim, rows, eps,
-        threads_for(rows * dim, _PER_THREAD))
+        threads_for(work, _PER_THREAD))
     return out
 
 
@@ -51,8 +52,9 @@ def silu_mul(gate_up: Tensor, out_dtype: torch.dtype) -> Tensor:
     gate_up = gate_up.contiguous()
     rows, width = gate_up.shape
     out = torch.empty(rows, width // 2, dtype=out_dtype)
-    library().sirocco_silu_mul(gate_up.data_ptr(), out.data_ptr(), _flag(gate_up), _flag(out),
-                               width // 2, rows, threads_for(rows * width * 4, _PER_THREAD))
+    work = rows * width * 4
+    kernel("sirocco_silu_mul", work)(gate_up.data_ptr(), out.data_ptr(), _flag(gate_up),
+                                     _flag(out), width // 2, rows, threads_for(work, _PER_THREAD))
     return out
 
 
@@ -68,8 +70,9 @@ def rope_store(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Te
     assert k_cache.dtype == v_cache.dtype == torch.float32 and slots.dtype == torch.int64
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     q = torch.empty(rows, heads, head_dim)
-    library().sirocco_rope_store(
+    work = rows * qkv.shape[1] * 2
+    kernel("sirocco_rope_store", work)(
         qkv.data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
         slots.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _flag(qkv), rows,
-        heads, kv_heads, head_dim, block_size, threads_for(rows * qkv.shape[1] * 2, _PER_THREAD))
+        heads, kv_heads, head_dim, block_size, threads_for(work, _PER_THREAD))
     return q

@@ -13,6 +13,11 @@ in PyTorch's own thread pool, whose threads are awake right after a matrix multi
 threads than on one). Where the compiler has no OpenMP, or that library does not load, the
 kernels are built without it and run on one thread.
 
+Each call either keeps the GIL or releases it, by its size (`kernel`): a short call keeps it,
+since handing the GIL to the server's event loop and taking it back cost more than the call
+(releasing it in every one of a decode step's ~250 calls made SmolLM2 decode over HTTP at
+half the engine's own speed); a long one releases it, so that the event loop runs meanwhile.
+
 Where no compiler is found, `library()` is None and the model keeps PyTorch's operators.
 """
 
@@ -25,6 +30,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -81,16 +88,40 @@ def _build(compiler: str, flags: list[str]) -> tuple[Path | None, str]:
     return target, ""
 
 
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    for name, (argtypes, restype) in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, restype
-    return lib
+# Work (multiply-adds or elements) from which a call releases the GIL: ~0.2 ms and more.
+RELEASE_GIL_AT = 1 << 21
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The library loaded twice: calls through `holding` keep the GIL, through `releasing`
+    they release it."""
+
+    holding: ctypes.CDLL
+    releasing: ctypes.CDLL
+
+
+def _load(path: Path) -> Kernels:
+    handles = []
+    for kind in (ctypes.PyDLL, ctypes.CDLL):
+        lib = kind(str(path))
+        for name, (argtypes, restype) in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, restype
+        handles.append(lib)
+    return Kernels(*handles)
+
+
+def kernel(name: str, work: float) -> Callable[..., object]:
+    """The kernel `name` for a call of `work` multiply-adds (or elements): one that keeps
+    the GIL below `RELEASE_GIL_AT`, else one that releases it."""
+    lib = library()
+    assert lib is not None, "no kernels: check library() first"
+    return getattr(lib.holding if work < RELEASE_GIL_AT else lib.releasing, name)
 
 
 @cache
-def library() -> ctypes.CDLL | None:
+def library() -> Kernels | None:
     """The kernels, compiled on first use; None (logged) where no C compiler builds them."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

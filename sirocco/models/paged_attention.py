@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sirocco.models.kernels import library, threads_for
+from sirocco.models.kernels import kernel, library, threads_for
 
 CHUNK = 32  # queries of one sequence per work item (they share one transposed copy of keys)
 
@@ -87,12 +87,13 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout: PagedLa
     _, kv_heads, _, block_size = k_cache.shape
     out = torch.empty_like(q)
     num_chunks = layout.chunks.shape[0] - 1
-    threads = threads_for(layout.key_reads * heads * head_dim * 2, _PER_THREAD)
-    status = library().sirocco_paged_attention(
+    work = layout.key_reads * heads * head_dim * 2
+    status = kernel("sirocco_paged_attention", work)(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), layout.tables.data_ptr(),
         layout.seq_of.data_ptr(), layout.pos_of.data_ptr(), layout.chunks.data_ptr(),
         out.data_ptr(), num_chunks, heads, kv_heads, head_dim, block_size,
-        layout.tables.shape[1], sliding_window or 0, head_dim ** -0.5, threads)
+        layout.tables.shape[1], sliding_window or 0, head_dim ** -0.5,
+        threads_for(work, _PER_THREAD))
     if status != 0:
         raise MemoryError("the paged attention kernel could not allocate its scores")
     return out

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sirocco.models.kernels import library, threads_for
+from sirocco.models.kernels import kernel, library, threads_for
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,10 @@ def _qmatmul(x: Tensor, weights: Tensor, scales: Tensor, offsets: Tensor, out_fe
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     m, k = rows.shape
     y = torch.empty(m, out_features)
-    library().sirocco_qmatmul(rows.data_ptr(), weights.data_ptr(), scales.data_ptr(),
-                              offsets.data_ptr(), y.data_ptr(), m, out_features, k, bits,
-                              threads_for(m * out_features * k, _PER_THREAD))
+    work = m * out_features * k
+    kernel("sirocco_qmatmul", work)(rows.data_ptr(), weights.data_ptr(), scales.data_ptr(),
+                                    offsets.data_ptr(), y.data_ptr(), m, out_features, k, bits,
+                                    threads_for(work, _PER_THREAD))
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
