@@ -142,7 +142,7 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
             type=int,
             metavar="N",
             help="compute threads of the model (PyTorch's and Sirocco's kernels); default: "
-            "every core this process may run on",
+            "all the cores this process may run on but one, left to the server",
         ),
     ),
     ("--device", "device", dict(choices=["auto", "cpu", "cuda"], help="where models run")),

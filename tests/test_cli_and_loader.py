@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from sirocco.cli import build_parser
 from sirocco.config import settings_from_args
-from sirocco.engine.config import available_cores, set_compute_threads
+from sirocco.engine.config import available_cores, default_threads, set_compute_threads
 from sirocco.models.config import ModelConfig
 from sirocco.models.demo import DEMO_CONFIG
 from sirocco.models.loader import (
@@ -98,16 +98,18 @@ def test_serve_help_lists_every_flag() -> None:
         assert flag in out
 
 
-def test_compute_threads_default_to_the_available_cores_and_the_flag_overrides(
+def test_compute_threads_leave_a_core_to_the_server_and_the_flag_overrides(
         caplog: pytest.LogCaptureFixture) -> None:
+    assert [default_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    cores = available_cores()
     before = torch.get_num_threads()
     try:
         with caplog.at_level(logging.INFO, logger="sirocco.engine.config"):
-            assert set_compute_threads(None) == available_cores() == torch.get_num_threads()
-            assert f"compute threads: {available_cores()} of {available_cores()} cores (one " \
-                "per available core" in caplog.text
-            assert set_compute_threads(1) == 1 == torch.get_num_threads()
-            assert f"compute threads: 1 of {available_cores()} cores (--threads)" in caplog.text
+            assert set_compute_threads(None) == default_threads(cores) == torch.get_num_threads()
+            assert f"compute threads: {default_threads(cores)} of {cores} cores (one core " \
+                "left to the server" in caplog.text
+            assert set_compute_threads(2) == 2 == torch.get_num_threads()
+            assert f"compute threads: 2 of {cores} cores (--threads)" in caplog.text
     finally:
         torch.set_num_threads(before)
     env = settings_from_args(build_parser().parse_args(["serve"]), {"SIROCCO_THREADS": "3"})
@@ -121,9 +123,9 @@ def test_a_server_takes_its_thread_count_and_refuses_zero(demo_model_dir: Path,
     result = run_cli("serve", "--threads", "0", "--data-dir", str(tmp_path))
     assert result.returncode != 0
     assert "--threads must be positive, got 0" in result.stderr
-    server = start_server(["--model", str(demo_model_dir), "--threads", "1"], tmp_path / "one")
+    server = start_server(["--model", str(demo_model_dir), "--threads", "2"], tmp_path / "two")
     try:
-        assert "compute threads: 1 of" in server.log()
+        assert "compute threads: 2 of" in server.log()
     finally:
         server.stop()
 

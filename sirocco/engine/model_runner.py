@@ -32,11 +32,6 @@ from sirocco.models.quantized import (
 logger = logging.getLogger(__name__)
 
 _PROMPT_LOGPROBS_ROWS = 256  # prompt positions whose full logits are computed at once
-# A step of this many tokens or fewer (one stream decoding) runs on one thread: its work is
-# too small to share, and over HTTP the other core is the server's and the client's. On 2
-# cores SmolLM2 int4 decoded 50-57 tok/s over HTTP on one thread, 32-42 on two (whose OpenMP
-# worker spun on the core the event loop needed); bigger steps use every compute thread.
-SMALL_STEP_TOKENS = 1
 
 
 class ModelRunner:
@@ -50,7 +45,6 @@ class ModelRunner:
                  config: EngineConfig) -> None:
         self.config = config
         self.model_config = model_config
-        self.threads = torch.get_num_threads()  # `--threads`, for steps past SMALL_STEP_TOKENS
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.device)
         self.quantization = resolve_quantization(config.quantization)
@@ -101,8 +95,6 @@ class ModelRunner:
         if batch.block_copies:
             src, dst = zip(*batch.block_copies, strict=True)
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
-        torch.set_num_threads(1 if sum(batch.num_new_tokens) <= SMALL_STEP_TOKENS
-                              else self.threads)
         input_ids, positions, attn, sample_rows = self._prepare(batch)
         self.lora.set_batch([s.lora_slot for s, n in zip(batch.seqs, batch.num_new_tokens,
                                                          strict=True) for _ in range(n)],

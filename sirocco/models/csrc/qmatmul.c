@@ -10,8 +10,8 @@
  * Layout (made by sirocco/models/quantized.py): outputs in tiles of LANES; 4 bits:
  * w [N / LANES][K / 2][LANES] bytes, byte (t, j, l) = q[t LANES + l][2 j] | q[...][2 j + 1] << 4;
  * 8 bits: w [N / LANES][K][LANES]; scales, offsets [N / LANES][K / GROUP][LANES].
- * Rows go ROWS at a time, so that a tile's weights, dequantized once, serve ROWS rows;
- * threads (OpenMP) share the tiles.
+ * Rows go ROWS at a time (the rest 8, 4, 2 and 1 at a time), so that a tile's weights,
+ * dequantized once, serve that many rows; threads (OpenMP) share the tiles.
  */
 #include <stdint.h>
 #include <string.h>
@@ -115,12 +115,16 @@ void sirocco_qmatmul(const float *x, const uint8_t *w, const float *scales,
                      int threads) {
     const int64_t tiles = N / LANES;
 #define TILES(BITS)                                                                     \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                 \
+    _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 2)")             \
     for (int64_t t = 0; t < tiles; t++) {                                               \
         int64_t m0 = 0;                                                                 \
         for (; m0 + ROWS <= M; m0 += ROWS)                                              \
             tile_rows(x, w, scales, offsets, y, N, K, BITS, t, m0, ROWS);               \
-        for (; m0 < M; m0++) tile_rows(x, w, scales, offsets, y, N, K, BITS, t, m0, 1); \
+        /* the rest in blocks of 8, 4, 2, 1: at most four more passes over the tile */  \
+        if (m0 + 8 <= M) tile_rows(x, w, scales, offsets, y, N, K, BITS, t, m0, 8), m0 += 8; \
+        if (m0 + 4 <= M) tile_rows(x, w, scales, offsets, y, N, K, BITS, t, m0, 4), m0 += 4; \
+        if (m0 + 2 <= M) tile_rows(x, w, scales, offsets, y, N, K, BITS, t, m0, 2), m0 += 2; \
+        if (m0 < M) tile_rows(x, w, scales, offsets, y, N, K, BITS, t, m0, 1);          \
     }
     if (bits == 4) {
         TILES(4)
