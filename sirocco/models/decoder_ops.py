@@ -7,8 +7,9 @@ invariant, like the attention kernel): the norm with the residual add before it,
 with the KV-cache writes, SiLU times the up projection. The model takes this path where
 the paged attention kernel serves (`AttentionBatch.paged`: a CPU, float32).
 
-Activations come and go in the dtype the next matrix kernel takes: bfloat16 for the
-quantized layers, float32 otherwise; the residual stream stays float32.
+Activations come and go in the dtype the next matrix kernel takes (`mistral.input_dtype`):
+float32 for the packed float32 layers and Sirocco's int4/int8 kernel, bfloat16 for a layer on
+PyTorch's int4 kernel; the residual stream stays float32.
 """
 
 from __future__ import annotations
