@@ -40,6 +40,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))  # included by the sources
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off",
          "-std=c11"]
 THREADED, SERIAL = ["-fopenmp"], ["-fopenmp-simd"]
@@ -72,7 +73,7 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str, flags: list[str]) -> tuple[Path | None, str]:
     """The library built with `flags` (cached), or None and the compiler's complaint."""
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS)
                          + " ".join(flags).encode() + _cpu_signature().encode())
     target = _cache_dir() / f"sirocco-kernels-{key.hexdigest()[:16]}.so"
     if target.exists():

@@ -89,8 +89,6 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != self.input_dtype:
-            x = x.to(self.input_dtype)
         if x.dim() == 2 and x.shape[0] == 1:
             return self._matmul(x.expand(2, -1).contiguous())[:1]
         return self._matmul(x)

@@ -6,9 +6,9 @@
  * function here does one such run of work in one call. Every row (a token) is computed on its
  * own in one fixed order, so a token's result does not depend on what else is in the batch.
  *
- * A tensor of activations is float32 or bfloat16 (`*_bf16` flags): the quantized matrix
- * kernels take and give bfloat16 rows, the float32 ones float32 rows. Arithmetic is float32;
- * a bfloat16 result is rounded to nearest even, as PyTorch rounds.
+ * A tensor of activations is float32 or bfloat16 (`*_bf16` flags), as the next matrix kernel
+ * takes it (PyTorch's int4 kernel takes bfloat16 rows). Arithmetic is float32; a bfloat16
+ * result is rounded to nearest even, as PyTorch rounds.
  *
  * Built by sirocco/models/kernels.py with the other kernels; `threads` share the rows (an
  * OpenMP loop, in PyTorch's own OpenMP pool, where the build has OpenMP).
@@ -16,6 +16,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "fast_exp.h"
 
 #define LANES 16
 
@@ -43,30 +45,6 @@ static inline void store(void *p, int bf16, int64_t i, float v) {
         ((uint16_t *)p)[i] = to_bf16(v);
     else
         ((float *)p)[i] = v;
-}
-
-/* e^x to about 1 ulp, in float arithmetic only (so that it vectorizes): x * log2(e) is
- * rounded to an integer n by a magic constant, Cephes' polynomial gives e^r. Arguments are
- * clamped to [-87, 88]. */
-static inline float exp_f32(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    const float t = x * 1.44269504f + 12582912.0f; /* 1.5 * 2^23 */
-    const float n = t - 12582912.0f;
-    int32_t ti;
-    memcpy(&ti, &t, sizeof ti);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = (ti - 0x4B400000 + 127) << 23; /* 2^n */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
 }
 
 /* x [rows, dim] (float32, the residual stream): x += delta where delta [rows, dim] is given,
@@ -117,7 +95,7 @@ void sirocco_silu_mul(const void *gate_up, void *out, int in_bf16, int out_bf16,
         for (int64_t i = 0; i < inter; i++) {
             const float g = load(gate_up, in_bf16, in_row + i);
             const float u = load(gate_up, in_bf16, in_row + inter + i);
-            store(out, out_bf16, out_row + i, g / (1.0f + exp_f32(-g)) * u);
+            store(out, out_bf16, out_row + i, g / (1.0f + exp_clamped(-g, 88.0f)) * u);
         }
     }
 }

@@ -25,32 +25,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fast_exp.h"
+
 #define LANES 16
 #define UNROLL 4
-
-/* e^x for x <= 0, to about 1 ulp, in float arithmetic only (the magic constant rounds
- * x * log2(e) to an integer n in the low bits of t; Cephes' polynomial for e^r), so that
- * the compiler vectorizes it. Arguments are clamped to [-87, 0]. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 0.0f ? 0.0f : x;
-    const float t = x * 1.44269504f + 12582912.0f;  /* 1.5 * 2^23 */
-    const float n = t - 12582912.0f;
-    int32_t ti;
-    memcpy(&ti, &t, sizeof ti);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = (ti - 0x4B400000 + 127) << 23;  /* 2^n */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 /* Scores of one query against `count` (1 or UNROLL) groups of LANES keys, transposed: key
  * l of group u, dimension d at kt[u][d * stride + l]. Each a sum over d in order, times
@@ -177,7 +155,7 @@ static inline __attribute__((always_inline)) int attend(
                         const int j = gj * LANES + l;
                         /* a select, not a product: a lane past the keys may hold
                          * anything a freed block held */
-                        sg[l] = (j >= lo) & (j <= pos) ? exp_nonpositive(sg[l] - m) : 0.0f;
+                        sg[l] = (j >= lo) & (j <= pos) ? exp_clamped(sg[l] - m, 0.0f) : 0.0f;
                         lanes[l] += sg[l];
                     }
                 }
