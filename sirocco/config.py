@@ -24,6 +24,7 @@ class Settings:
     dtype: str = "auto"
     quantization: str = "auto"
     threads: int | None = None
+    engine: str = "process"
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -143,6 +144,16 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
             metavar="N",
             help="compute threads of the model (PyTorch's and Sirocco's kernels); default: "
             "all the cores this process may run on but one, left to the server",
+        ),
+    ),
+    (
+        "--engine",
+        "engine",
+        dict(
+            choices=["process", "thread"],
+            help="where each generative model's step loop runs: process (a process of its "
+            "own, so HTTP and streaming never take the GIL from the model) or thread (in the "
+            "server process: one process fewer, slower under load)",
         ),
     ),
     ("--device", "device", dict(choices=["auto", "cpu", "cuda"], help="where models run")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,7 @@ def test_serve_help_lists_every_flag() -> None:
 def test_compute_threads_leave_a_core_to_the_server_and_the_flag_overrides(
         caplog: pytest.LogCaptureFixture) -> None:
     assert [default_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    assert [default_threads(n, engine_process=True) for n in (1, 2, 16)] == [1, 2, 16]
     cores = available_cores()
     before = torch.get_num_threads()
     try:
@@ -108,6 +110,9 @@ def test_compute_threads_leave_a_core_to_the_server_and_the_flag_overrides(
             assert set_compute_threads(None) == default_threads(cores) == torch.get_num_threads()
             assert f"compute threads: {default_threads(cores)} of {cores} cores (one core " \
                 "left to the server" in caplog.text
+            assert set_compute_threads(None, engine_process=True) == cores
+            assert f"compute threads: {cores} of {cores} cores (all of them: the engine's " \
+                "own process" in caplog.text
             assert set_compute_threads(2) == 2 == torch.get_num_threads()
             assert f"compute threads: 2 of {cores} cores (--threads)" in caplog.text
     finally:
@@ -126,6 +131,8 @@ def test_a_server_takes_its_thread_count_and_refuses_zero(demo_model_dir: Path,
     server = start_server(["--model", str(demo_model_dir), "--threads", "2"], tmp_path / "two")
     try:
         assert "compute threads: 2 of" in server.log()
+        assert re.search(r"\[engine [^]]+\] sirocco.engine.config: compute threads: 2 of",
+                         server.log())  # the engine process's own choice
     finally:
         server.stop()
 

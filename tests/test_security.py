@@ -362,7 +362,8 @@ def test_key_file_settings(tmp_path: Path) -> None:
 
 
 def test_health_is_503_and_names_a_dead_engine(demo_model_dir: Path, tmp_path: Path) -> None:
-    """In-process, so that the test can make one engine's step raise as a bug would."""
+    """In-process with the engine in a thread, so that the test can make one engine's step
+    raise as a bug would."""
     import threading
 
     import uvicorn
@@ -377,6 +378,7 @@ def test_health_is_503_and_names_a_dead_engine(demo_model_dir: Path, tmp_path: P
     port = free_port()
     args = build_parser().parse_args([
         "serve", "--model", str(demo_model_dir), "--served-model-name", "doomed-model",
+        "--engine", "thread",
         "--dtype", "float32", "--kv-cache-memory", "16MiB", "--port", str(port),
         "--data-dir", str(tmp_path)])
     settings = settings_from_args(args, {"SIROCCO_API_KEY": KEY})
@@ -412,6 +414,65 @@ def test_health_is_503_and_names_a_dead_engine(demo_model_dir: Path, tmp_path: P
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_a_killed_engine_process_fails_its_streams_at_once_then_503(
+        demo_model_dir: Path, tmp_path: Path) -> None:
+    """The engine process dies mid-stream (the OOM killer, a crash in native code): the
+    stream ends with finish_reason "error", new requests get a 503, /health says which
+    model, and the server itself stays up and stops cleanly."""
+    import psutil
+
+    server = start_server(["--model", str(demo_model_dir), "--served-model-name", "doomed",
+                           "--dtype", "float32", "--kv-cache-memory", "16MiB"],
+                          tmp_path, env={"SIROCCO_API_KEY": KEY})
+    try:
+        children = psutil.Process(server.process.pid).children()
+        engines = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        assert len(engines) == 1  # one engine process for the one generative model
+        request = {"model": "doomed", "stream": True, "max_tokens": 2000, "min_tokens": 1900,
+                   "messages": [{"role": "user", "content": "hi"}]}
+        finishes, comments = [], []
+        with httpx.stream("POST", server.url + "/v1/chat/completions", headers=AUTH,
+                          json=request, timeout=30) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    if not finishes and chunk["choices"][0]["delta"].get("content"):
+                        engines[0].kill()
+                    finishes += [c["finish_reason"] for c in chunk["choices"]
+                                 if c["finish_reason"]]
+                elif line.startswith(": error"):
+                    comments.append(line)
+        assert finishes == ["error"]
+        assert "engine process exited" in comments[0]
+
+        r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, timeout=30,
+                       json={**request, "stream": False, "max_tokens": 2, "min_tokens": 0})
+        assert r.status_code == 503
+        assert "doomed" in r.json()["message"]
+        r = httpx.get(server.url + "/health", headers=AUTH)
+        assert r.status_code == 503 and r.json()["unavailable_models"] == ["doomed"]
+        assert httpx.get(server.url + "/v1/models", headers=AUTH).status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_an_engine_process_never_outlives_its_server(demo_model_dir: Path,
+                                                    tmp_path: Path) -> None:
+    """Even a server killed outright (no shutdown) leaves no engine process behind."""
+    import psutil
+
+    server = start_server(["--model", str(demo_model_dir), "--dtype", "float32",
+                           "--kv-cache-memory", "16MiB"], tmp_path)
+    engines = [c for c in psutil.Process(server.process.pid).children()
+               if "spawn_main" in " ".join(c.cmdline())]
+    assert len(engines) == 1
+    server.process.kill()
+    server.process.wait()
+    _, alive = psutil.wait_procs(engines, timeout=30)
+    assert not alive
 
 
 # -- request ids -------------------------------------------------------------------------------

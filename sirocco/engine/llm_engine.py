@@ -76,19 +76,8 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise at once for a request that could never run (RequestTooLong, ValueError)."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        for limit, what in ((self.max_model_len, "the model's context length"),
-                            (self.cache_tokens, "the whole KV cache")):
-            if n + (params.max_tokens or 1) > limit:
-                raise RequestTooLong(n, params.max_tokens, limit, what)
-            # min_tokens bans the stop ids until then: beyond the limit it could only run away.
-            if params.min_tokens and n + params.min_tokens > limit:
-                raise RequestTooLong(n, params.min_tokens, limit, what, field="min_tokens")
+        validate_request(prompt_token_ids, params, self.model_config.vocab_size,
+                         self.max_model_len, self.cache_tokens)
 
     def add_adapter(self, name: str, weights: AdapterWeights) -> None:
         """Make a LoRA adapter (already fused for this model) available to requests. A new
@@ -302,6 +291,24 @@ class LLMEngine:
         parent = seqs[0]
         return RequestOutput(request_id, parent.num_prompt_tokens, parent.num_cached_tokens,
                              outputs, finished)
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab: int,
+                     max_model_len: int, cache_tokens: int) -> None:
+    """Raise RequestTooLong / ValueError for a request that could never run on an engine
+    of this vocabulary, context length and KV cache size."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+        raise ValueError(f"prompt token ids must be in [0, {vocab})")
+    for limit, what in ((max_model_len, "the model's context length"),
+                        (cache_tokens, "the whole KV cache")):
+        if n + (params.max_tokens or 1) > limit:
+            raise RequestTooLong(n, params.max_tokens, limit, what)
+        # min_tokens bans the stop ids until then: beyond the limit it could only run away.
+        if params.min_tokens and n + params.min_tokens > limit:
+            raise RequestTooLong(n, params.min_tokens, limit, what, field="min_tokens")
 
 
 def _halves(batch: ScheduledBatch) -> list[ScheduledBatch]:

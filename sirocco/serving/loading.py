@@ -12,14 +12,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from sirocco.config import Settings
-from sirocco.engine import AsyncEngine, EngineConfig, build_engine, resolve_dtype
+from sirocco.engine import AsyncEngine, EngineConfig, LLMEngine, resolve_dtype
+from sirocco.engine.process import EngineProcess, EngineSpec, EngineStartError
 from sirocco.models.demo import ensure_demo_model
 from sirocco.models.gguf import converted_tensor_types
 from sirocco.models.loader import (
-    Checkpoint,
     ModelLoadError,
     inspect_checkpoint,
     load_tokenizer,
@@ -71,11 +69,35 @@ def load_generative_model(
             f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
             f"vocabulary has only {ckpt.config.vocab_size}"
         )
-    grammar_vocabulary(tokenizer)  # compiled once now, not on the first JSON request
     quantization = resolve_quantization(settings.quantization, converted_tensor_types(path))
-    weights = load_weights(ckpt, dtype, q4_1_blocks=quantization == "int4")
-    engine = _build_engine(ckpt, weights, settings, dtype, device, tokenizer.eos_token_ids,
-                           quantization)
+    engine_config = EngineConfig(
+        kv_cache_memory=settings.kv_cache_memory,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_model_len=ckpt.config.max_position_embeddings,
+        dtype=dtype,
+        device=device,
+        eos_token_ids=tuple(tokenizer.eos_token_ids),
+        quantization=quantization,
+    )
+    # The engine process (started first: it loads while this one compiles the grammar
+    # vocabulary) or the weights loaded here for an engine thread.
+    process = (EngineProcess(EngineSpec(str(path), engine_config, settings.request_timeout,
+                                        settings.threads, settings.log_level, model_id))
+               if settings.engine == "process" else None)
+    grammar_vocabulary(tokenizer)  # compiled once now, not on the first JSON request
+    if process is not None:
+        try:
+            process.wait_ready()
+        except EngineStartError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from None
+        core: LLMEngine | EngineProcess = process
+    else:
+        weights = load_weights(ckpt, dtype, q4_1_blocks=quantization == "int4")
+        core = LLMEngine(ckpt.config, weights, engine_config)
+        del weights
+    engine = AsyncEngine(core, max_waiting=settings.max_waiting,
+                         request_timeout=settings.request_timeout)
     log.info(
         "loaded %s from %s (%s layout, %s tokenizer, %s on %s, quantization %s)",
         model_id,
@@ -102,29 +124,6 @@ def load_generative_model(
         engine=engine,
         source=str(path),
     )
-
-
-def _build_engine(
-    ckpt: Checkpoint,
-    weights: dict,
-    settings: Settings,
-    dtype: torch.dtype,
-    device: str,
-    eos_token_ids: list[int],
-    quantization: str,
-) -> AsyncEngine:
-    engine_config = EngineConfig(
-        kv_cache_memory=settings.kv_cache_memory,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_model_len=ckpt.config.max_position_embeddings,
-        dtype=dtype,
-        device=device,
-        eos_token_ids=tuple(eos_token_ids),
-        quantization=quantization,
-    )
-    return build_engine(ckpt.config, weights, engine_config, max_waiting=settings.max_waiting,
-                        request_timeout=settings.request_timeout)
 
 
 def load_models(settings: Settings) -> ModelRegistry:

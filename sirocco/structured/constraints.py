@@ -33,7 +33,11 @@ from sirocco.structured.grammar import (
     text_without_grammar,
     tool_call_grammar,
 )
-from sirocco.structured.vocabulary import GrammarVocabulary, grammar_vocabulary
+from sirocco.structured.vocabulary import (
+    GrammarVocabulary,
+    grammar_vocabulary,
+    vocabulary_by_key,
+)
 from sirocco.tokenizers.base import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -57,14 +61,16 @@ class GrammarConstraintFactory(ConstraintFactory):
             raise InvalidSchema(_schema_error(self._matcher.get_error()))
 
     def __call__(self) -> GrammarConstraint:
-        return GrammarConstraint(self.vocabulary, self._matcher)
+        return GrammarConstraint(self.vocabulary, self._matcher, self.grammar)
 
 
 class GrammarConstraint:
     """Logits processor that keeps one sequence inside a grammar."""
 
-    def __init__(self, vocabulary: GrammarVocabulary, template: llguidance.LLMatcher) -> None:
+    def __init__(self, vocabulary: GrammarVocabulary, template: llguidance.LLMatcher,
+                 grammar: str) -> None:
         self._vocabulary = vocabulary
+        self._grammar = grammar
         self._template = template
         self._matcher = template.deep_copy()
         self._tokens: list[int] = []
@@ -72,6 +78,13 @@ class GrammarConstraint:
         self._inverted = np.zeros_like(self._words)
         #: Why the sequence left the grammar (a token the mask forbade was appended).
         self.error: str | None = None
+
+    def __reduce__(self) -> tuple:
+        # Sent to the engine process before its first step: the grammar text and the
+        # vocabulary's key travel, the matcher is compiled again on the other side.
+        if self._tokens:
+            raise TypeError("a grammar constraint is sent before it has seen any token")
+        return _rebuild_constraint, (self._vocabulary.key, self._grammar)
 
     @property
     def is_complete(self) -> bool:
@@ -114,6 +127,12 @@ class GrammarConstraint:
         bits = np.unpackbits(self._inverted.view(np.uint8), count=self._vocabulary.size,
                              bitorder="little")
         return bits.view(np.bool_)
+
+
+def _rebuild_constraint(vocabulary_key: str, grammar: str) -> GrammarConstraint:
+    vocabulary = vocabulary_by_key(vocabulary_key)
+    matcher = llguidance.LLMatcher(vocabulary.llg_tokenizer, grammar, log_level=0)
+    return GrammarConstraint(vocabulary, matcher, grammar)
 
 
 class TokenBan(ConstraintFactory):

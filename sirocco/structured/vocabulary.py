@@ -10,6 +10,7 @@ id (`<[5]>`), which is how `[TOOL_CALLS]` and `[ARGS]` are forced.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import weakref
 from collections.abc import Callable
@@ -52,6 +53,10 @@ class GrammarVocabulary:
             llguidance.TokenizerWrapper(table), eos_token=list(self.eos_token_ids)
         )
         table.greedy = self.llg_tokenizer.greedy_tokenize
+        #: Names this vocabulary across processes: a constraint sent to the engine process
+        #: is rebuilt there on the vocabulary with the same key (`vocabulary_by_key`).
+        self.key = hashlib.sha256(b"\0".join(tokens) + repr(
+            (self.eos_token_ids, sorted(special))).encode()).hexdigest()[:24]
         #: Forbidden-token mask when only end-of-sequence may follow.
         self.all_but_eos = np.ones(self.size, dtype=np.bool_)
         self.all_but_eos[list(self.eos_token_ids)] = False
@@ -103,6 +108,7 @@ def _unknown_token_id(tokenizer: Tokenizer) -> int | None:
 
 
 _cache: weakref.WeakKeyDictionary[Tokenizer, GrammarVocabulary] = weakref.WeakKeyDictionary()
+_by_key: dict[str, GrammarVocabulary] = {}
 _lock = threading.Lock()
 
 
@@ -113,4 +119,15 @@ def grammar_vocabulary(tokenizer: Tokenizer) -> GrammarVocabulary:
         vocabulary = _cache.get(tokenizer)
         if vocabulary is None:
             vocabulary = _cache[tokenizer] = GrammarVocabulary(tokenizer)
+            _by_key.setdefault(vocabulary.key, vocabulary)
         return vocabulary
+
+
+def vocabulary_by_key(key: str) -> GrammarVocabulary:
+    """The vocabulary with this `key` that `grammar_vocabulary` built in this process
+    (KeyError if none was)."""
+    with _lock:
+        try:
+            return _by_key[key]
+        except KeyError:
+            raise KeyError(f"no grammar vocabulary {key!r} in this process") from None

@@ -177,6 +177,7 @@ def test_removing_an_adapter_in_use_lets_its_requests_finish(engine, tmp_path):
     lora = engine.engine
     lora.add_adapter("a", weights)
     lora.add_adapter("b", weights)
+    engine.adapters.update({"a", "b"})  # (raw weights: installed behind the client's back)
     params = SamplingParams(max_tokens=20, ignore_eos=True)
 
     async def main():
