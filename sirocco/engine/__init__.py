@@ -1,7 +1,9 @@
 """The inference engine: continuous batching over a paged, prefix-cached KV cache.
 
-`build_engine(model_config, state_dict, engine_config)` gives the `AsyncEngine` the
-server uses; `LLMEngine` is the synchronous core (tests, benchmarks).
+`build_engine(model_config, state_dict, engine_config)` gives an `AsyncEngine` whose step
+loop runs in a thread (tests, benchmarks, `--engine thread`); the server's engines run in
+processes of their own (`sirocco.engine.process.EngineProcess`, which loads the weights
+itself). `LLMEngine` is the synchronous core.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The step loop (`EngineLoop`) runs in a "core": by default a process of its own
 (`sirocco.engine.process.EngineProcess`), so tokenization, detokenization and HTTP never
 take the GIL from the model; or a thread of this process (`ThreadCore`: tests,
-benchmarks, `--no-engine-process`). Requests, aborts and adapter commands go to the core
+benchmarks, `--engine thread`). Requests, aborts and adapter commands go to the core
 as plain messages and are applied between steps; each step's news comes back from the
 core's thread and is handed to the waiting coroutines with `loop.call_soon_threadsafe`.
 
@@ -294,8 +294,7 @@ def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
 
 
 _ERRORS: dict[str, type[Exception]] = {
-    cls.__name__: cls for cls in (RequestFailed, UnknownAdapter, LoRAError, ValueError,
-                                  KeyError, FileNotFoundError)}
+    cls.__name__: cls for cls in (RequestFailed, UnknownAdapter, LoRAError, ValueError)}
 
 
 def _rebuild_error(kind: str, message: str) -> Exception:

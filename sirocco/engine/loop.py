@@ -126,6 +126,7 @@ class EngineLoop:
     # -- calls -----------------------------------------------------------------------------
 
     def _add_adapter(self, name: str, path: str) -> None:
+        # (Read here, between two steps: a LoRA adapter is a few MB, read in milliseconds.)
         runner = self.engine.runner
         weights = load_peft_adapter(Path(path), runner.model_config, runner.dtype,
                                     runner.device)

@@ -67,7 +67,7 @@ class EngineProcess:
         self._lock = threading.Lock()
         # Messages wait here for the writer thread: a full pipe (the engine busy in a long
         # step while big prompts arrive) never blocks the event loop or the reader.
-        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._reader: threading.Thread | None = None
         self._writer: threading.Thread | None = None
         self._client: AsyncEngine | None = None
@@ -151,15 +151,19 @@ class EngineProcess:
             while True:
                 message = self._conn.recv()
                 kind = message[0]
-                if kind == "news":
-                    client.on_news(message[1])
-                elif kind == "reply":
-                    client.on_reply(message[1], message[2])
-                elif kind == "stopped":
+                if kind == "stopped":
                     break
-                elif kind == "died":
+                if kind == "died":
                     reason = message[1]
                     break
+                try:
+                    if kind == "news":
+                        client.on_news(message[1])
+                    elif kind == "reply":
+                        client.on_reply(message[1], message[2])
+                except Exception:  # a bug here must not leave every stream waiting
+                    logger.exception("engine process %s: could not hand over %s",
+                                     self.spec.name, kind)
         except (EOFError, OSError):
             self.process.join(2)
             code = self.process.exitcode
