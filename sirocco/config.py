@@ -143,7 +143,8 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
             type=int,
             metavar="N",
             help="compute threads of the model (PyTorch's and Sirocco's kernels); default: "
-            "all the cores this process may run on but one, left to the server",
+            "every core for an engine process, all but one (left to the server) in the "
+            "server's own process",
         ),
     ),
     (
