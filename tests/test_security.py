@@ -416,19 +416,25 @@ def test_health_is_503_and_names_a_dead_engine(demo_model_dir: Path, tmp_path: P
         thread.join(30)
 
 
+def engine_processes(server: Server) -> list:
+    """The server's engine processes (spawned by multiprocessing), as psutil processes."""
+    import psutil
+
+    return [c for c in psutil.Process(server.process.pid).children()
+            if "spawn_main" in " ".join(c.cmdline())]
+
+
 def test_a_killed_engine_process_fails_its_streams_at_once_then_503(
         demo_model_dir: Path, tmp_path: Path) -> None:
     """The engine process dies mid-stream (the OOM killer, a crash in native code): the
     stream ends with finish_reason "error", new requests get a 503, /health says which
     model, and the server itself stays up and stops cleanly."""
-    import psutil
 
     server = start_server(["--model", str(demo_model_dir), "--served-model-name", "doomed",
                            "--dtype", "float32", "--kv-cache-memory", "16MiB"],
                           tmp_path, env={"SIROCCO_API_KEY": KEY})
     try:
-        children = psutil.Process(server.process.pid).children()
-        engines = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        engines = engine_processes(server)
         assert len(engines) == 1  # one engine process for the one generative model
         request = {"model": "doomed", "stream": True, "max_tokens": 2000, "min_tokens": 1900,
                    "messages": [{"role": "user", "content": "hi"}]}
@@ -466,8 +472,7 @@ def test_an_engine_process_never_outlives_its_server(demo_model_dir: Path,
 
     server = start_server(["--model", str(demo_model_dir), "--dtype", "float32",
                            "--kv-cache-memory", "16MiB"], tmp_path)
-    engines = [c for c in psutil.Process(server.process.pid).children()
-               if "spawn_main" in " ".join(c.cmdline())]
+    engines = engine_processes(server)
     assert len(engines) == 1
     server.process.kill()
     server.process.wait()

@@ -372,10 +372,8 @@ class ThreadCore:
                     self._wakeup.clear()
                 for message in messages:
                     loop.apply(message)
-                if loop.busy:
-                    loop.run_once()
-                else:
-                    loop.flush()
+                loop.run_once()
+                if not loop.busy:
                     self._wakeup.wait()
         except Exception as exc:
             logger.exception("engine step failed")

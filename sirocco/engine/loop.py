@@ -96,7 +96,7 @@ class EngineLoop:
 
     def run_once(self) -> None:
         """End the requests past their deadline, run one step if there is work, and emit
-        what changed (nothing when nothing did)."""
+        the news (with fresh stats, even when idle)."""
         self._expire()
         if self.busy:
             for out in self.engine.step():
@@ -106,9 +106,9 @@ class EngineLoop:
                                            f"({out.error})"))
                 else:
                     self._outputs.append(out)
-        self.flush()
+        self._flush()
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         """Emit the news gathered since the last emit, with the engine's current stats."""
         ttft, itl = self.engine.pop_latencies()
         news = StepNews(self._outputs, self._failures, self.engine.stats(), ttft, itl)
@@ -121,7 +121,7 @@ class EngineLoop:
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
         self._outputs, self._failures, self._deadlines = [], [], {}
-        self.flush()
+        self._flush()
 
     # -- calls -----------------------------------------------------------------------------
 

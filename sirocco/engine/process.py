@@ -207,10 +207,7 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:
                     conn.send(("stopped",))
                     return
                 loop.apply(message)
-            if loop.busy:
-                loop.run_once()
-            else:
-                loop.flush()
+            loop.run_once()
     except (EOFError, BrokenPipeError):
         return  # the API process is gone
     except Exception as exc:

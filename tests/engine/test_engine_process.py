@@ -74,47 +74,48 @@ def test_a_grammar_is_compiled_again_in_the_engine_process(demo_model_dir, proce
     assert json.loads(text) in ("yes", "no")
 
 
-def test_a_killed_engine_process_fails_its_streams_and_refuses_new_work(demo_model_dir):
-    core = EngineProcess(spec_for(demo_model_dir))
-    engine = AsyncEngine(core)
-    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
+
+@pytest.fixture
+def own_engine(demo_model_dir: Path):
+    """An engine process of the test's own (the test may kill it)."""
+    engine = AsyncEngine(EngineProcess(spec_for(demo_model_dir)))
+    yield engine
+    engine.shutdown()
+
+
+def test_a_killed_engine_process_fails_its_streams_and_refuses_new_work(demo_model_dir,
+                                                                         own_engine):
     async def main():
-        stream = engine.generate("doomed", [1, 5, 6], long)
+        stream = own_engine.generate("doomed", [1, 5, 6], LONG)
         first = await anext(stream)
-        os.kill(core.process.pid, signal.SIGKILL)
+        os.kill(own_engine.core.process.pid, signal.SIGKILL)
         with pytest.raises(EngineDeadError, match="exit code -9"):
             async for _ in stream:
                 pass
         with pytest.raises(EngineDeadError):
-            await anext(engine.generate("late", [1, 5, 6], long))
+            await anext(own_engine.generate("late", [1, 5, 6], LONG))
         return first
 
-    try:
-        first = asyncio.run(asyncio.wait_for(main(), 60))
-        assert first.outputs[0].new_token_ids
-        assert not engine.is_running
-        with pytest.raises(EngineDeadError):
-            engine.add_adapter("x", demo_model_dir)  # refused at once, never a hang
-    finally:
-        engine.shutdown()
+    first = asyncio.run(asyncio.wait_for(main(), 60))
+    assert first.outputs[0].new_token_ids
+    assert not own_engine.is_running
+    with pytest.raises(EngineDeadError):
+        own_engine.add_adapter("x", demo_model_dir)  # refused at once, never a hang
 
 
-def test_shutdown_ends_the_streams_and_the_process(demo_model_dir):
-    core = EngineProcess(spec_for(demo_model_dir))
-    engine = AsyncEngine(core)
-    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-
+def test_shutdown_ends_the_streams_and_the_process(own_engine):
     async def main():
-        stream = engine.generate("cut", [1, 5, 6], long)
+        stream = own_engine.generate("cut", [1, 5, 6], LONG)
         await anext(stream)
-        await asyncio.to_thread(engine.shutdown)
+        await asyncio.to_thread(own_engine.shutdown)
         with pytest.raises(EngineDeadError, match="shut down"):
             async for _ in stream:
                 pass
 
     asyncio.run(asyncio.wait_for(main(), 60))
-    assert core.process.exitcode == 0 and not engine.is_running
+    assert own_engine.core.process.exitcode == 0 and not own_engine.is_running
 
 
 def test_a_checkpoint_the_engine_process_cannot_load_is_a_start_error(tmp_path):
