@@ -64,6 +64,8 @@ class ModelRunner:
         self.model = model.eval()
         # Batch-invariant attention where it serves (see the README's Exactness section).
         self.invariant_attention = paged_attention.available(self.dtype, self.device)
+        if self.invariant_attention:
+            model.float32_layer_norms()
         self.lora = attach_lora(self.model)  # adapters are added by name, at run time
 
         self.block_size = config.block_size

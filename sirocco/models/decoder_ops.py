@@ -62,18 +62,19 @@ def silu_mul(gate_up: Tensor, out_dtype: torch.dtype) -> Tensor:
 def rope_store(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Tensor,
                v_cache: Tensor, heads: int) -> Tensor:
     """RoPE on the q and k heads of qkv [T, (heads + 2 kv_heads) * head_dim]; writes k and
-    v into the float32 caches at `slots` (int64 [T]): k_cache [num_blocks, kv_heads,
-    head_dim, block_size] (transposed), v_cache [num_blocks, block_size, kv_heads,
+    v into the caches (float32 or bfloat16) at `slots` (int64 [T]): k_cache [num_blocks,
+    kv_heads, head_dim, block_size] (transposed), v_cache [num_blocks, block_size, kv_heads,
     head_dim]. Returns q [T, heads, head_dim] (float32)."""
     qkv = qkv.contiguous()
     rows = qkv.shape[0]
     _, kv_heads, head_dim, block_size = k_cache.shape
-    assert k_cache.dtype == v_cache.dtype == torch.float32 and slots.dtype == torch.int64
+    assert k_cache.dtype == v_cache.dtype and slots.dtype == torch.int64
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     q = torch.empty(rows, heads, head_dim)
     work = rows * qkv.shape[1] * 2
     kernel("sirocco_rope_store", work)(
         qkv.data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
-        slots.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _flag(qkv), rows,
-        heads, kv_heads, head_dim, block_size, threads_for(work, _PER_THREAD))
+        slots.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _flag(qkv),
+        _flag(k_cache), rows, heads, kv_heads, head_dim, block_size,
+        threads_for(work, _PER_THREAD))
     return q

@@ -140,8 +140,9 @@ class AttentionBatch:
 
     slot_mapping: [T] flat KV-cache slot (block * block_size + offset) of each new token;
     None for a forward without a KV cache.
-    paged: set where the batch-invariant kernel serves (CPU, float32): every token attends
-    over the cache by its own position and block table, and `groups` are not used.
+    paged: set where the batch-invariant kernel serves (CPU, float32 or bfloat16 weights, a
+    float32 cache): every token attends over the cache by its own position and block table,
+    and `groups` are not used.
     """
 
     groups: list[AttentionGroup]
@@ -272,7 +273,7 @@ class Attention(nn.Module):
         q = decoder_ops.rope_store(self.wqkv(x), cos, sin, batch.slot_mapping, k_cache, v_cache,
                                    self.n_heads)
         out = paged_attention(q, k_cache, v_cache, batch.paged, self.sliding_window)
-        return self.wo(out.view(x.shape[0], -1))
+        return self.wo(out.view(x.shape[0], -1).to(input_dtype(self.wo)))
 
 
 class FeedForward(nn.Module):
@@ -351,7 +352,9 @@ class MistralModel(nn.Module):
             self.inv_freq = self.inv_freq.to(x.device)
         freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()  # float32 for the paged path's kernels
+        if batch.paged is None:
+            cos, sin = cos.to(dtype), sin.to(dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, batch, None if kv_caches is None else kv_caches[i])
         return self.norm(x.to(dtype))
@@ -368,6 +371,13 @@ class MistralModel(nn.Module):
             for name, child in owner.named_children():
                 if isinstance(child, Linear):
                     setattr(owner, name, PackedLinear(child.weight))
+
+    def float32_layer_norms(self) -> None:
+        """Hold the decoder layers' norm weights in float32, as the fused kernels of the
+        paged path read them (the same values: a bfloat16 widens exactly)."""
+        for layer in self.layers:
+            for norm in (layer.attention_norm, layer.ffn_norm):
+                norm.weight.data = norm.weight.data.float()
 
     def forward_padded(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Hidden states [B, L, hidden] of right-padded prompts [B, L], without a KV cache.

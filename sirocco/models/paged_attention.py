@@ -1,4 +1,4 @@
-"""Batch-invariant attention over the paged KV cache on a CPU (float32).
+"""Batch-invariant attention over the paged KV cache on a CPU (float32 or bfloat16).
 
 `csrc/paged_attention.c` computes every query row on its own, from its position and its
 sequence's block table, in one fixed order of arithmetic: a token's attention output, and so
@@ -60,8 +60,10 @@ class PagedLayout:
 
 
 def available(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the invariant kernel serves this dtype and device (CPU, float32)."""
-    return device.type == "cpu" and dtype == torch.float32 and library() is not None
+    """Whether the invariant kernel serves a model of this dtype on this device: a CPU,
+    float32 or bfloat16 (the cache's dtype; the arithmetic is float32 either way)."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and library() is not None)
 
 
 # Multiply-adds a thread takes at least (a decode of one stream at a few hundred positions
@@ -79,9 +81,10 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout: PagedLa
                     sliding_window: int | None) -> Tensor:
     """Attention of packed queries q [T, heads, head_dim] over the cache blocks of their
     sequences: k_cache [num_blocks, kv_heads, head_dim, block_size] (each block's keys
-    transposed: `transposed_keys`), v_cache [num_blocks, block_size, kv_heads, head_dim].
-    Returns [T, heads, head_dim]."""
+    transposed: `transposed_keys`), v_cache [num_blocks, block_size, kv_heads, head_dim],
+    both float32 or both bfloat16. Returns [T, heads, head_dim] (float32)."""
     assert q.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16)
     q = q.contiguous()
     t, heads, head_dim = q.shape
     _, kv_heads, _, block_size = k_cache.shape
@@ -93,7 +96,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout: PagedLa
         layout.seq_of.data_ptr(), layout.pos_of.data_ptr(), layout.chunks.data_ptr(),
         out.data_ptr(), num_chunks, heads, kv_heads, head_dim, block_size,
         layout.tables.shape[1], sliding_window or 0, head_dim ** -0.5,
-        threads_for(work, _PER_THREAD))
+        int(k_cache.dtype == torch.bfloat16), threads_for(work, _PER_THREAD))
     if status != 0:
         raise MemoryError("the paged attention kernel could not allocate its scores")
     return out

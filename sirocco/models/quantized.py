@@ -61,9 +61,11 @@ def _qmatmul(x: Tensor, weights: Tensor, scales: Tensor, offsets: Tensor, out_fe
     m, k = rows.shape
     y = torch.empty(m, out_features)
     work = m * out_features * k
-    kernel("sirocco_qmatmul", work)(rows.data_ptr(), weights.data_ptr(), scales.data_ptr(),
-                                    offsets.data_ptr(), y.data_ptr(), m, out_features, k, bits,
-                                    threads_for(work, _PER_THREAD))
+    status = kernel("sirocco_qmatmul", work)(
+        rows.data_ptr(), weights.data_ptr(), scales.data_ptr(), offsets.data_ptr(), y.data_ptr(),
+        m, out_features, k, bits, threads_for(work, _PER_THREAD))
+    if status != 0:
+        raise MemoryError("the quantized matmul kernel could not allocate its row panel")
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 

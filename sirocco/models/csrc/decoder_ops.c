@@ -19,26 +19,9 @@
 
 #include "fast_exp.h"
 
-#define LANES 16
+#include "lanes.h"
 
-static inline float from_bf16(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float load(const void *p, int bf16, int64_t i) {
-    return bf16 ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
+static inline float load(const void *p, int bf16, int64_t i) { return load_any(p, i, bf16); }
 
 static inline void store(void *p, int bf16, int64_t i, float v) {
     if (bf16)
@@ -102,13 +85,14 @@ void sirocco_silu_mul(const void *gate_up, void *out, int in_bf16, int out_bf16,
 
 /* The tokens of qkv [T, H + 2 KVH heads, D] (the q heads, then k, then v): RoPE
  * (rotate-half: x * cos + rotate_half(x) * sin, cos and sin [T, D]) on the q and k heads;
- * q goes to q_out [T, H, D], k and v to the float32 caches at the token's slot (block *
- * block_size + offset): k_cache [blocks, KVH, D, block_size] (transposed, as the attention
- * kernel reads it), v_cache [blocks, block_size, KVH, D]. */
+ * q goes to q_out [T, H, D] (float32), k and v to the caches (float32, or bfloat16 where
+ * cache_bf16) at the token's slot (block * block_size + offset): k_cache [blocks, KVH, D,
+ * block_size] (transposed, as the attention kernel reads it), v_cache [blocks, block_size,
+ * KVH, D]. */
 void sirocco_rope_store(const void *qkv, const float *cos_, const float *sin_,
-                        const int64_t *slots, float *q_out, float *k_cache, float *v_cache,
-                        int in_bf16, int64_t T, int H, int KVH, int D, int block_size,
-                        int threads) {
+                        const int64_t *slots, float *q_out, void *k_cache, void *v_cache,
+                        int in_bf16, int cache_bf16, int64_t T, int H, int KVH, int D,
+                        int block_size, int threads) {
     const int half = D / 2;
     const int64_t row = (int64_t)(H + 2 * KVH) * D;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -118,21 +102,22 @@ void sirocco_rope_store(const void *qkv, const float *cos_, const float *sin_,
         for (int h = 0; h < H + KVH; h++) {
             const int64_t src = t * row + (int64_t)h * D;
             /* q rows are contiguous; a key's dimensions lie block_size apart */
-            float *restrict dst = h < H ? q_out + (t * H + h) * D
-                                        : k_cache + (block * KVH + (h - H)) * D * block_size
-                                              + offset;
+            void *dst = h < H ? (void *)q_out : k_cache;
+            const int bf16 = h < H ? 0 : cache_bf16;
+            const int64_t at = h < H ? (t * H + h) * D
+                                     : (block * KVH + (h - H)) * D * block_size + offset;
             const int64_t step = h < H ? 1 : block_size;
             for (int d = 0; d < half; d++) {
                 const float x = load(qkv, in_bf16, src + d);
                 const float y = load(qkv, in_bf16, src + d + half);
-                dst[d * step] = x * c[d] + (-y) * s[d];
-                dst[(d + half) * step] = y * c[d + half] + x * s[d + half];
+                store(dst, bf16, at + d * step, x * c[d] + (-y) * s[d]);
+                store(dst, bf16, at + (d + half) * step, y * c[d + half] + x * s[d + half]);
             }
         }
         for (int h = 0; h < KVH; h++) {
             const int64_t src = t * row + (int64_t)(H + KVH + h) * D;
-            float *restrict dst = v_cache + (slots[t] * KVH + h) * D;
-            for (int d = 0; d < D; d++) dst[d] = load(qkv, in_bf16, src + d);
+            const int64_t at = (slots[t] * KVH + h) * D;
+            for (int d = 0; d < D; d++) store(v_cache, cache_bf16, at + d, load(qkv, in_bf16, src + d));
         }
     }
 }

@@ -1,4 +1,5 @@
-/* Attention over the paged KV cache, float32, with one fixed order of arithmetic.
+/* Attention over the paged KV cache (float32 or bfloat16), in float32 arithmetic with one
+ * fixed order.
  *
  * Every query is computed from its own position and its sequence's block table, and each
  * of its numbers is a function of the key's position alone: a score is a chain of fused
@@ -14,7 +15,9 @@
  * they lie (a block size that is not a multiple of 16 gathers them into a buffer first, with
  * the same arithmetic). Work is split in items (a chunk of up to a few dozen queries of one
  * sequence, one KV head), and the query heads of one KV head go through the keys and values
- * together. Sharing loads does no arithmetic, so it changes no result.
+ * together (a block of accumulators in registers). Sharing loads does no arithmetic, so it
+ * changes no result. A bfloat16 cache (a bfloat16 model's) halves the memory a decode reads,
+ * most of its time at many streams; its values widen exactly.
  *
  * Built at run time by sirocco/models/kernels.py (plain C, no PyTorch headers), with no
  * -ffast-math (the compiler may not reassociate the sums) and -ffp-contract=off (it may not
@@ -26,45 +29,131 @@
 #include <string.h>
 
 #include "fast_exp.h"
+#include "lanes.h"
 
-#define LANES 16
-#define UNROLL 4
+#define UNROLL 4   /* groups of LANES keys scored together */
+#define MAX_HEADS 4  /* query heads of one KV head scored (and their values summed) together */
+#define COLUMNS 4  /* vectors of LANES output dimensions a pass over the values sums */
 
-/* Scores of one query against `count` (1 or UNROLL) groups of LANES keys, transposed: key
- * l of group u, dimension d at kt[u][d * stride + l]. Each a sum over d in order, times
- * `scale`. */
-static inline __attribute__((always_inline)) void score_groups(
-        const float *restrict qh, const float *const *kt, const int64_t stride,
-        float *restrict s, const int count, const int D, float scale) {
-    float acc[UNROLL][LANES] = {{0}};
-    for (int d = 0; d < D; d++) {
-        const float qd = qh[d];
-        for (int u = 0; u < count; u++) {
-            const float *restrict k = kt[u] + d * stride;
-#pragma omp simd
-            for (int l = 0; l < LANES; l++) acc[u][l] = fmaf(qd, k[l], acc[u][l]);
+/* Scores of HG query heads (head h at qh + h * D) against COUNT groups of LANES keys,
+ * transposed: key l of group u, dimension d at element kt[u] + d * stride + l of `keys`
+ * (float32, or bfloat16 where BF16). Each a chain of fused multiply-adds over d in order,
+ * times `scale`, written to s[h * s_stride + u * LANES + l]. HG, COUNT and BF16 are constants
+ * at each call: the HG * COUNT accumulators stay in registers and each key vector loaded
+ * serves every head. */
+static inline __attribute__((always_inline)) void score_block(
+        const float *restrict qh, const void *keys, const int64_t *kt, const int64_t stride,
+        float *restrict s, const int64_t s_stride, const int D, const float scale,
+        const int HG, const int COUNT, const int BF16) {
+    lanes_t acc[MAX_HEADS][UNROLL];
+    for (int h = 0; h < HG; h++)
+        for (int u = 0; u < COUNT; u++) acc[h][u] = splat(0.0f);
+    for (int d = 0; d < D; d++)
+        for (int u = 0; u < COUNT; u++) {
+            const lanes_t k = load_any_lanes(keys, kt[u] + d * stride, BF16);
+            for (int h = 0; h < HG; h++)
+                acc[h][u] = fma_lanes(splat(qh[h * D + d]), k, acc[h][u]);
         }
-    }
-    for (int u = 0; u < count; u++)
-        for (int l = 0; l < LANES; l++) s[u * LANES + l] = acc[u][l] * scale;
+    for (int h = 0; h < HG; h++)
+        for (int u = 0; u < COUNT; u++)
+            store_lanes(s + h * s_stride + u * LANES, acc[h][u] * scale);
 }
 
-/* Where key `pos`, dimension 0, of KV head kvh lies: keys are stored [block][kvh][d][offset]. */
-static inline const float *key_at(const float *k_cache, const int32_t *table, int pos,
-                                  int block_size, int KVH, int kvh, int D) {
-    return k_cache + (((int64_t)table[pos / block_size] * KVH + kvh) * D) * block_size
-           + pos % block_size;
+static void score_heads(const float *qh, const void *keys, const int64_t *kt, int64_t stride,
+                        float *s, int64_t s_stride, int D, float scale, int hg, int count,
+                        int bf16) {
+#define BLOCK(HG, COUNT, BF16) score_block(qh, keys, kt, stride, s, s_stride, D, scale, HG, \
+                                           COUNT, BF16)
+#define SCORE(HG) count == UNROLL ? (bf16 ? BLOCK(HG, UNROLL, 1) : BLOCK(HG, UNROLL, 0)) \
+                                  : (bf16 ? BLOCK(HG, 1, 1) : BLOCK(HG, 1, 0))
+    switch (hg) {
+    case 4: SCORE(4); break;
+    case 3: SCORE(3); break;
+    case 2: SCORE(2); break;
+    default: SCORE(1);
+    }
+#undef SCORE
+#undef BLOCK
+}
+
+/* The heads a pass takes together: a divisor of the g query heads of a KV head. */
+static inline int heads_at_once(int g) {
+    return g % 4 == 0 ? 4 : g % 3 == 0 ? 3 : g % 2 == 0 ? 2 : 1;
+}
+
+/* Dimensions [c0, c0 + NC * LANES) of the outputs of HG query heads: o[h * D + d] is the
+ * chain of fused multiply-adds p_j * v_j[d] over the keys j = lo..pos in order, where
+ * p_j = p[h * p_stride + j]. The HG * NC accumulators stay in registers and each value
+ * vector loaded serves every head. */
+static inline __attribute__((always_inline)) void value_block(
+        const float *restrict p, const int64_t p_stride, const void *v_cache,
+        const int32_t *restrict table, const int block_size, const int KVH, const int kvh,
+        const int D, const int lo, const int pos, float *restrict o, const int c0,
+        const int HG, const int NC, const int BF16) {
+    lanes_t acc[MAX_HEADS][COLUMNS];
+    for (int h = 0; h < HG; h++)
+        for (int c = 0; c < NC; c++) acc[h][c] = splat(0.0f);
+    for (int b = lo / block_size; b <= pos / block_size; b++) {
+        const int b0 = b * block_size;
+        const int j0 = lo > b0 ? lo : b0;
+        const int j1 = pos < b0 + block_size - 1 ? pos : b0 + block_size - 1;
+        const int64_t vb = ((int64_t)table[b] * block_size * KVH + kvh) * D + c0;
+        for (int j = j0; j <= j1; j++) {
+            const int64_t v = vb + (int64_t)(j - b0) * KVH * D;
+            for (int c = 0; c < NC; c++) {
+                const lanes_t vv = load_any_lanes(v_cache, v + c * LANES, BF16);
+                for (int h = 0; h < HG; h++)
+                    acc[h][c] = fma_lanes(splat(p[h * p_stride + j]), vv, acc[h][c]);
+            }
+        }
+    }
+    for (int h = 0; h < HG; h++)
+        for (int c = 0; c < NC; c++) store_lanes(o + h * D + c0 + c * LANES, acc[h][c]);
+}
+
+static void value_heads(const float *p, int64_t p_stride, const void *v_cache,
+                        const int32_t *table, int block_size, int KVH, int kvh, int D, int lo,
+                        int pos, float *o, int hg, int bf16) {
+    for (int c0 = 0; c0 < D; c0 += COLUMNS * LANES) {
+        const int nc = (D - c0) / LANES < COLUMNS ? (D - c0) / LANES : COLUMNS;
+#define VALUES(HG, NC) (bf16 ? value_block(p, p_stride, v_cache, table, block_size, KVH, kvh, \
+                                           D, lo, pos, o, c0, HG, NC, 1)                     \
+                            : value_block(p, p_stride, v_cache, table, block_size, KVH, kvh, \
+                                           D, lo, pos, o, c0, HG, NC, 0))
+#define COLUMN_CASES(HG)                                                                  \
+        switch (nc) {                                                                     \
+        case 4: VALUES(HG, 4); break;                                                     \
+        case 3: VALUES(HG, 3); break;                                                     \
+        case 2: VALUES(HG, 2); break;                                                     \
+        default: VALUES(HG, 1);                                                           \
+        }
+        switch (hg) {
+        case 4: COLUMN_CASES(4); break;
+        case 3: COLUMN_CASES(3); break;
+        case 2: COLUMN_CASES(2); break;
+        default: COLUMN_CASES(1);
+        }
+#undef COLUMN_CASES
+#undef VALUES
+    }
+}
+
+/* The element where key `pos`, dimension 0, of KV head kvh lies: keys are stored
+ * [block][kvh][d][offset]. */
+static inline int64_t key_at(const int32_t *table, int pos, int block_size, int KVH, int kvh,
+                             int D) {
+    return (((int64_t)table[pos / block_size] * KVH + kvh) * D) * block_size + pos % block_size;
 }
 
 /* The work of items first..last-1, with the head size a constant where it is a common one
  * (the compiler then unrolls the loops over it). */
 static inline __attribute__((always_inline)) int attend(
-        const float *restrict q, const float *restrict k_cache, const float *restrict v_cache,
+        const float *restrict q, const void *k_cache, const void *v_cache, const int cache_bf16,
         const int32_t *restrict tables, const int32_t *restrict seq_of,
         const int32_t *restrict pos_of, const int32_t *restrict chunks, float *restrict out,
         int64_t num_chunks, int64_t first, int64_t last, int H, int KVH, const int D,
         int block_size, int max_blocks, int window, float scale) {
-    const int g = H / KVH;
+    const int g = H / KVH, hg = heads_at_once(g);
     const int direct = block_size % LANES == 0;
     float *keys_t = NULL, *scores = NULL;
     int64_t keys_capacity = 0, scores_capacity = 0;
@@ -105,8 +194,10 @@ static inline __attribute__((always_inline)) int attend(
                 for (int l = 0; l < LANES; l++) {
                     int pos = gi * LANES + l;
                     pos = pos > last_pos ? last_pos : pos;
-                    const float *key = key_at(k_cache, table, pos, block_size, KVH, kvh, D);
-                    for (int d = 0; d < D; d++) dst[d * LANES + l] = key[(int64_t)d * block_size];
+                    const int64_t key = key_at(table, pos, block_size, KVH, kvh, D);
+                    for (int d = 0; d < D; d++)
+                        dst[d * LANES + l] = load_any(k_cache, key + (int64_t)d * block_size,
+                                                      cache_bf16);
                 }
             }
         const int64_t stride_k = direct ? block_size : LANES;
@@ -120,15 +211,14 @@ static inline __attribute__((always_inline)) int attend(
             const float *qt = q + (t * H + (int64_t)kvh * g) * D;
             for (int gi = glo; gi < ghi;) {
                 const int count = gi + UNROLL <= ghi ? UNROLL : 1;
-                const float *kt[UNROLL];
+                int64_t kt[UNROLL];
                 for (int u = 0; u < count; u++)
-                    kt[u] = direct ? key_at(k_cache, table, (gi + u) * LANES, block_size, KVH,
-                                            kvh, D)
-                                   : keys_t + (int64_t)(gi + u - g0) * D * LANES;
-                for (int h = 0; h < g; h++)
-                    score_groups(qt + (int64_t)h * D, kt, stride_k,
-                                 scores + h * stride + (int64_t)(gi - g0) * LANES, count, D,
-                                 scale);
+                    kt[u] = direct ? key_at(table, (gi + u) * LANES, block_size, KVH, kvh, D)
+                                   : (int64_t)(gi + u - g0) * D * LANES;
+                for (int h = 0; h < g; h += hg)
+                    score_heads(qt + (int64_t)h * D, direct ? k_cache : keys_t, kt, stride_k,
+                                scores + h * stride + (int64_t)(gi - g0) * LANES, stride, D,
+                                scale, hg, count, direct ? cache_bf16 : 0);
                 gi += count;
             }
             for (int h = 0; h < g; h++) {
@@ -163,21 +253,29 @@ static inline __attribute__((always_inline)) int attend(
                     for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
                 const float inv = 1.0f / lanes[0];
                 for (int j = lo; j <= pos; j++) s[j] *= inv;
-                float *o = acc + (int64_t)h * D;
-                for (int d = 0; d < D; d++) o[d] = 0.0f;
             }
+            if (D % LANES == 0) {
+                const float *p = scores - (int64_t)g0 * LANES;
+                for (int h = 0; h < g; h += hg)
+                    value_heads(p + h * stride, stride, v_cache, table, block_size, KVH, kvh, D,
+                                lo, pos, acc + (int64_t)h * D, hg, cache_bf16);
+                memcpy(out + (t * H + (int64_t)kvh * g) * D, acc, sizeof(float) * g * D);
+                continue;
+            }
+            /* the same sums, a dimension at a time (a head size that is not whole vectors) */
+            for (int i = 0; i < g * D; i++) acc[i] = 0.0f;
             for (int b = lo / block_size; b <= pos / block_size; b++) {
                 const int b0 = b * block_size;
                 const int j0 = lo > b0 ? lo : b0;
                 const int j1 = pos < b0 + block_size - 1 ? pos : b0 + block_size - 1;
-                const float *vb = v_cache + ((int64_t)table[b] * block_size * KVH + kvh) * D;
+                const int64_t vb = ((int64_t)table[b] * block_size * KVH + kvh) * D;
                 for (int j = j0; j <= j1; j++) {
-                    const float *restrict v = vb + (int64_t)(j - b0) * KVH * D;
+                    const int64_t v = vb + (int64_t)(j - b0) * KVH * D;
                     for (int h = 0; h < g; h++) {
                         const float p = scores[h * stride + j - (int64_t)g0 * LANES];
                         float *restrict o = acc + (int64_t)h * D;
-#pragma omp simd
-                        for (int d = 0; d < D; d++) o[d] = fmaf(p, v[d], o[d]);
+                        for (int d = 0; d < D; d++)
+                            o[d] = fmaf(p, load_any(v_cache, v + d, cache_bf16), o[d]);
                     }
                 }
             }
@@ -190,17 +288,19 @@ static inline __attribute__((always_inline)) int attend(
     return 0;
 }
 
-/* q, out: [T, H, D]; k_cache: [num_blocks, KVH, D, block_size] (a block's keys transposed);
- * v_cache: [num_blocks, block_size, KVH, D]; tables: [S, max_blocks]; seq_of, pos_of: [T]
+/* q, out: [T, H, D] (float32); k_cache: [num_blocks, KVH, D, block_size] (a block's keys
+ * transposed); v_cache: [num_blocks, block_size, KVH, D], both float32, or bfloat16 where
+ * cache_bf16 (widened as they are read: the arithmetic is float32 either way); tables:
+ * [S, max_blocks]; seq_of, pos_of: [T]
  * (positions ascending within a chunk); chunks: [num_chunks + 1] token boundaries, each chunk
  * within one sequence. The num_chunks * KVH items (item = kvh * num_chunks + chunk) are split
  * in ranges between `threads` (an OpenMP loop where the build has OpenMP). Returns 0, or -1
  * if out of memory. */
-int sirocco_paged_attention(const float *q, const float *k_cache, const float *v_cache,
+int sirocco_paged_attention(const float *q, const void *k_cache, const void *v_cache,
                             const int32_t *tables, const int32_t *seq_of, const int32_t *pos_of,
                             const int32_t *chunks, float *out, int64_t num_chunks, int H, int KVH,
                             int D, int block_size, int max_blocks, int window, float scale,
-                            int threads) {
+                            int cache_bf16, int threads) {
     const int64_t items = num_chunks * KVH;
     /* a few ranges a thread, so that a long prompt's items do not leave a thread idle */
     const int64_t ranges = threads > 1 ? (items < 4 * threads ? items : 4 * threads) : 1;
@@ -209,7 +309,8 @@ int sirocco_paged_attention(const float *q, const float *k_cache, const float *v
     for (int64_t r = 0; r < ranges; r++) {
         const int64_t first = items * r / ranges, last = items * (r + 1) / ranges;
         int done;
-#define ATTEND(head_dim) attend(q, k_cache, v_cache, tables, seq_of, pos_of, chunks, out, \
+#define ATTEND(head_dim) attend(q, k_cache, v_cache, cache_bf16, tables, seq_of, pos_of, \
+                                chunks, out, \
                                 num_chunks, first, last, H, KVH, head_dim, block_size, \
                                 max_blocks, window, scale)
         switch (D) {

@@ -11,33 +11,20 @@
  * w [N / LANES][K / 2][LANES] bytes, byte (t, j, l) = q[t LANES + l][2 j] | q[...][2 j + 1] << 4;
  * 8 bits: w [N / LANES][K][LANES]; scales, offsets [N / LANES][K / GROUP][LANES].
  * Rows go ROWS at a time (the rest 8, 4, 2 and 1 at a time), so that a tile's weights,
- * dequantized once, serve that many rows; threads (OpenMP) share the tiles.
+ * dequantized once, serve that many rows; blocks of fewer rows take several tiles at a time,
+ * so that enough independent sums are in flight. Each block of rows is first copied input
+ * by input ([K][rows]), so that a row's input is one broadcast from a fixed offset. Threads
+ * (OpenMP) share the tiles. None of this changes a sum's order.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define LANES 16
+#include "lanes.h"
+
 #define GROUP 32
 #define ROWS 16
-
-/* LANES floats as one value: a vector register where the CPU has 512-bit ones, two or four
- * otherwise (GCC and Clang vector extensions; element-wise operations only). */
-typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t ilanes_t __attribute__((vector_size(LANES * sizeof(int32_t))));
-
-/* a * b + c, one rounding */
-#if defined(__AVX512F__)
-#include <immintrin.h>
-static inline lanes_t fma_lanes(lanes_t a, lanes_t b, lanes_t c) {
-    return (lanes_t)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-}
-#else
-static inline lanes_t fma_lanes(lanes_t a, lanes_t b, lanes_t c) {
-    lanes_t out;
-    for (int l = 0; l < LANES; l++) out[l] = __builtin_fmaf(a[l], b[l], c[l]);
-    return out;
-}
-#endif
+#define UNIT 4  /* tiles a thread takes at a time */
 
 /* LANES bytes as LANES int32 */
 #if defined(__AVX512F__)
@@ -60,76 +47,114 @@ static inline ilanes_t widen_s8(const int8_t *p) {
 }
 #endif
 
-static inline lanes_t load_lanes(const float *p) {
-    lanes_t v;
-    memcpy(&v, p, sizeof v);
-    return v;
+/* The rows of the block that starts `left` rows before the end: ROWS, or 8, 4, 2, 1. */
+static inline int block_rows(int64_t left) {
+    return left >= ROWS ? ROWS : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
 }
 
-/* Rows [m0, m0 + R) of tile t. R and bits are constants at each call (the compiler keeps
- * the accumulators in registers). A multiply and an add stay two roundings
- * (-ffp-contract=off); the accumulation is an explicit fused multiply-add. */
+/* Rows [m0, m0 + R) of tiles t0 .. t0 + T - 1, the rows' inputs at xp [K][R]. R, T and bits
+ * are constants at each call (the compiler keeps the T * R accumulators in registers). A
+ * multiply and an add stay two roundings (-ffp-contract=off); the accumulation is an
+ * explicit fused multiply-add. */
 static inline __attribute__((always_inline)) void tile_rows(
-        const float *restrict x, const uint8_t *restrict w, const float *restrict scales,
+        const float *restrict xp, const uint8_t *restrict w, const float *restrict scales,
         const float *restrict offsets, float *restrict y, int64_t N, int64_t K, const int bits,
-        int64_t t, int64_t m0, const int R) {
-    lanes_t acc[ROWS];
-    for (int r = 0; r < R; r++) acc[r] = (lanes_t){0};
+        int64_t t0, const int T, int64_t m0, const int R) {
+    lanes_t acc[UNIT][ROWS];
+    for (int u = 0; u < T; u++)
+        for (int r = 0; r < R; r++) acc[u][r] = splat(0.0f);
     const int64_t groups = K / GROUP;
     for (int64_t g = 0; g < groups; g++) {
-        const lanes_t s = load_lanes(scales + (t * groups + g) * LANES);
-        const lanes_t z = bits == 4 ? load_lanes(offsets + (t * groups + g) * LANES) : s;
+        lanes_t s[UNIT], z[UNIT];
+        for (int u = 0; u < T; u++) {
+            s[u] = load_lanes(scales + ((t0 + u) * groups + g) * LANES);
+            z[u] = bits == 4 ? load_lanes(offsets + ((t0 + u) * groups + g) * LANES) : s[u];
+        }
         for (int kk = 0; kk < GROUP; kk += 2) {
             const int64_t k = g * GROUP + kk;
-            ilanes_t q0, q1;
-            if (bits == 4) {
-                const uint8_t *restrict b = w + (t * (K / 2) + k / 2) * LANES;
-                const ilanes_t both = widen_u8(b);
-                q0 = both & 15;
-                q1 = both >> 4;
-            } else {
-                const int8_t *restrict b = (const int8_t *)w + (t * K + k) * LANES;
-                q0 = widen_s8(b);
-                q1 = widen_s8(b + LANES);
-            }
-            lanes_t w0 = __builtin_convertvector(q0, lanes_t) * s;
-            lanes_t w1 = __builtin_convertvector(q1, lanes_t) * s;
-            if (bits == 4) {
-                w0 += z;
-                w1 += z;
-            }
-            for (int r = 0; r < R; r++) {
-                const lanes_t x0 = (lanes_t){0} + x[(m0 + r) * K + k];
-                const lanes_t x1 = (lanes_t){0} + x[(m0 + r) * K + k + 1];
-                acc[r] = fma_lanes(x1, w1, fma_lanes(x0, w0, acc[r]));
+            for (int u = 0; u < T; u++) {
+                const int64_t t = t0 + u;
+                ilanes_t q0, q1;
+                if (bits == 4) {
+                    const ilanes_t both = widen_u8(w + (t * (K / 2) + k / 2) * LANES);
+                    q0 = both & 15;
+                    q1 = both >> 4;
+                } else {
+                    const int8_t *restrict b = (const int8_t *)w + (t * K + k) * LANES;
+                    q0 = widen_s8(b);
+                    q1 = widen_s8(b + LANES);
+                }
+                lanes_t w0 = __builtin_convertvector(q0, lanes_t) * s[u];
+                lanes_t w1 = __builtin_convertvector(q1, lanes_t) * s[u];
+                if (bits == 4) {
+                    w0 += z[u];
+                    w1 += z[u];
+                }
+                for (int r = 0; r < R; r++)
+                    acc[u][r] = fma_lanes(splat(xp[(k + 1) * R + r]), w1,
+                                          fma_lanes(splat(xp[k * R + r]), w0, acc[u][r]));
             }
         }
     }
-    for (int r = 0; r < R; r++) memcpy(y + (m0 + r) * N + t * LANES, &acc[r], sizeof acc[r]);
+    for (int u = 0; u < T; u++)
+        for (int r = 0; r < R; r++)
+            store_lanes(y + (m0 + r) * N + (t0 + u) * LANES, acc[u][r]);
+}
+
+/* Tiles [t0, t1) (at most UNIT) for every block of rows. */
+static inline __attribute__((always_inline)) void unit_rows(
+        const float *xp, const uint8_t *w, const float *scales, const float *offsets, float *y,
+        int64_t M, int64_t N, int64_t K, const int bits, int64_t t0, int64_t t1) {
+#define ROWS_OF(T, t, R) tile_rows(xp + m0 * K, w, scales, offsets, y, N, K, bits, t, T, m0, R)
+    for (int64_t m0 = 0; m0 < M;) {
+        const int R = block_rows(M - m0);
+        if (R == ROWS) {
+            for (int64_t t = t0; t < t1; t++) ROWS_OF(1, t, ROWS);
+        } else if (t1 - t0 == UNIT && R == 8) {
+            ROWS_OF(2, t0, 8), ROWS_OF(2, t0 + 2, 8);
+        } else if (t1 - t0 == UNIT) {
+            if (R == 4) ROWS_OF(UNIT, t0, 4);
+            else if (R == 2) ROWS_OF(UNIT, t0, 2);
+            else ROWS_OF(UNIT, t0, 1);
+        } else {
+            for (int64_t t = t0; t < t1; t++) {
+                if (R == 8) ROWS_OF(1, t, 8);
+                else if (R == 4) ROWS_OF(1, t, 4);
+                else if (R == 2) ROWS_OF(1, t, 2);
+                else ROWS_OF(1, t, 1);
+            }
+        }
+        m0 += R;
+    }
+#undef ROWS_OF
 }
 
 /* y = x W^T for the weights above (N % LANES == 0, K % GROUP == 0); `offsets` is unused for
- * 8 bits. */
-void sirocco_qmatmul(const float *x, const uint8_t *w, const float *scales,
-                     const float *offsets, float *y, int64_t M, int64_t N, int64_t K, int bits,
-                     int threads) {
-    const int64_t tiles = N / LANES;
-#define TILES(BITS)                                                                     \
-    _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 2)")             \
-    for (int64_t t = 0; t < tiles; t++) {                                               \
-        int64_t m0 = 0;                                                                 \
-        for (; m0 + ROWS <= M; m0 += ROWS)                                              \
-            tile_rows(x, w, scales, offsets, y, N, K, BITS, t, m0, ROWS);               \
-        /* the rest in blocks of 8, 4, 2, 1: at most four more passes over the tile */  \
-        if (m0 + 8 <= M) tile_rows(x, w, scales, offsets, y, N, K, BITS, t, m0, 8), m0 += 8; \
-        if (m0 + 4 <= M) tile_rows(x, w, scales, offsets, y, N, K, BITS, t, m0, 4), m0 += 4; \
-        if (m0 + 2 <= M) tile_rows(x, w, scales, offsets, y, N, K, BITS, t, m0, 2), m0 += 2; \
-        if (m0 < M) tile_rows(x, w, scales, offsets, y, N, K, BITS, t, m0, 1);          \
-    }
+ * 8 bits. Returns 0, or -1 if out of memory. */
+int sirocco_qmatmul(const float *x, const uint8_t *w, const float *scales, const float *offsets,
+                    float *y, int64_t M, int64_t N, int64_t K, int bits, int threads) {
+    /* each block of rows input by input: xp[m0 * K + k * R + r] = x[(m0 + r) * K + k] */
+    float *xp = M == 1 ? (float *)x : malloc(sizeof(float) * M * K);
+    if (xp == NULL) return -1;
+    if (M > 1)
+        for (int64_t m0 = 0; m0 < M;) {
+            const int R = block_rows(M - m0);
+            for (int64_t k = 0; k < K; k++)
+                for (int r = 0; r < R; r++) xp[m0 * K + k * R + r] = x[(m0 + r) * K + k];
+            m0 += R;
+        }
+    const int64_t tiles = N / LANES, units = (tiles + UNIT - 1) / UNIT;
+#define UNITS(BITS)                                                                      \
+    _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1)")              \
+    for (int64_t u = 0; u < units; u++)                                                  \
+        unit_rows(xp, w, scales, offsets, y, M, N, K, BITS, u * UNIT,                    \
+                  (u + 1) * UNIT < tiles ? (u + 1) * UNIT : tiles);
     if (bits == 4) {
-        TILES(4)
+        UNITS(4)
     } else {
-        TILES(8)
+        UNITS(8)
     }
-#undef TILES
+#undef UNITS
+    if (M > 1) free(xp);
+    return 0;
 }
