@@ -46,13 +46,16 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-fast-math", "-ffp-con
 THREADED, SERIAL = ["-fopenmp"], ["-fopenmp-simd"]
 
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-# Every exported function: (argument types, return type); each takes its thread count last.
+# Every exported function: (argument types, return type); each takes its thread count last
+# (but for the `_available` probes).
 SIGNATURES: dict[str, tuple[list, type | None]] = {
     "sirocco_paged_attention": ([_P] * 8 + [_I64] + [_I] * 6 + [_F, _I, _I], _I),
     "sirocco_rms_norm": ([_P] * 4 + [_I] * 2 + [_I64] * 2 + [_F, _I], None),
     "sirocco_silu_mul": ([_P] * 2 + [_I] * 2 + [_I64] * 2 + [_I], None),
     "sirocco_rope_store": ([_P] * 7 + [_I, _I, _I64] + [_I] * 5, None),
     "sirocco_qmatmul": ([_P] * 5 + [_I64] * 3 + [_I] * 2, _I),
+    "sirocco_bf16_matmul": ([_P] * 3 + [_I64] * 3 + [_I], _I),
+    "sirocco_bf16_matmul_available": ([], _I),
 }
 
 

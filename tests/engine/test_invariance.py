@@ -3,11 +3,14 @@ the batch; and a request that could run away is refused at submit time."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from sirocco.engine import RequestTooLong, SamplingParams
 from sirocco.models import paged_attention
+from sirocco.models.mistral import bf16_dot_products
 from tests.engine.conftest import random_prompts
 from tests.engine.test_engine import make_engine
 
@@ -59,29 +62,34 @@ def _logprobs(engine, prompts, params, before=()):
 
 @pytest.mark.skipif(not paged_attention.available(torch.float32, torch.device("cpu")),
                     reason="no C compiler for the batch-invariant attention kernel")
-@pytest.mark.parametrize("ckpt", ["tiny", "tiny_windowed"])
-def test_logprobs_are_bitwise_the_same_cold_warm_chunked_and_batched(ckpt, request):
-    """With the invariant kernel (CPU, float32) every logprob is bitwise the same: prompt
-    recomputed or from the cache, prefilled whole or 5 tokens a step, alone or beside
-    sequences that are decoding."""
+@pytest.mark.parametrize("ckpt, dtype", [("tiny", "float32"), ("tiny_windowed", "float32"),
+                                         ("tiny", "bfloat16")])
+def test_logprobs_are_bitwise_the_same_cold_warm_chunked_and_batched(ckpt, dtype, request):
+    """With the invariant kernels (CPU; float32, or bfloat16 where the CPU has bfloat16
+    dot products) every logprob is bitwise the same: prompt recomputed or from the cache,
+    prefilled whole or 5 tokens a step, alone or beside sequences that are decoding."""
+    if dtype == "bfloat16" and not bf16_dot_products():
+        pytest.skip("no bfloat16 dot products: bfloat16 layers run oneDNN")
     ckpt = request.getfixturevalue(ckpt)
+    engine = functools.partial(make_engine, ckpt, dtype=dtype)
+
     prompts = random_prompts([9, 23, 14, 31], seed=4)
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=3)
     others = random_prompts([17, 6, 28], seed=5)
-    alone = [_logprobs(make_engine(ckpt), [p], params)[0] for p in prompts]
-    warm_engine = make_engine(ckpt)
+    alone = [_logprobs(engine(), [p], params)[0] for p in prompts]
+    warm_engine = engine()
     _logprobs(warm_engine, prompts, params)
     assert _logprobs(warm_engine, prompts, params) == alone  # prefixes now in the cache
     assert warm_engine.block_manager.prefix_hits > 0
-    assert _logprobs(make_engine(ckpt), prompts, params) == alone  # one batch
-    assert _logprobs(make_engine(ckpt, max_num_batched_tokens=5), prompts, params) == alone
-    assert _logprobs(make_engine(ckpt), prompts, params, before=others) == alone
+    assert _logprobs(engine(), prompts, params) == alone  # one batch
+    assert _logprobs(engine(max_num_batched_tokens=5), prompts, params) == alone
+    assert _logprobs(engine(), prompts, params, before=others) == alone
     # The prompt recomputed for its logprobs: the same answer, and the same prompt logprobs
     # whatever the chunking and the batch.
     recompute = SamplingParams(temperature=0, max_tokens=12, logprobs=3, prompt_logprobs=3)
-    recomputed = _logprobs(make_engine(ckpt), prompts, recompute)
+    recomputed = _logprobs(engine(), prompts, recompute)
     assert [r[-12:] for r in recomputed] == alone
-    assert _logprobs(make_engine(ckpt, max_num_batched_tokens=5), prompts, recompute,
+    assert _logprobs(engine(max_num_batched_tokens=5), prompts, recompute,
                      before=others) == recomputed
 
 
@@ -102,12 +110,17 @@ def _reference(q, k_cache, v_cache, table, pos, window):
                     reason="no C compiler: the model keeps PyTorch's attention")
 # Blocks of 16 hold whole groups of 16 keys, which the kernel reads in place; blocks of 8
 # make it gather them first.
-@pytest.mark.parametrize("head_dim, window, block", [(64, None, 16), (48, 37, 16), (64, 37, 8)])
-def test_the_kernel_matches_attention_and_ignores_the_batch(head_dim, window, block):
+@pytest.mark.parametrize("head_dim, window, block, cache", [
+    (64, None, 16, "float32"), (48, 37, 16, "float32"), (64, 37, 8, "float32"),
+    (64, 37, 16, "bfloat16"), (48, None, 8, "bfloat16")])
+def test_the_kernel_matches_attention_and_ignores_the_batch(head_dim, window, block, cache):
+    """Against float64 attention over the same cache (a bfloat16 cache is read exactly:
+    its values widen to float32 without rounding)."""
     torch.manual_seed(0)
     heads, kv_heads, split = 6, 2, 16 // block
-    k_cache = torch.randn(40 * split, block, kv_heads, head_dim)
-    v_cache = torch.randn(40 * split, block, kv_heads, head_dim)
+    dtype = getattr(torch, cache)
+    k_cache = torch.randn(40 * split, block, kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(40 * split, block, kv_heads, head_dim).to(dtype)
     tables = [[7, 3, 30, 12, 5, 22, 9, 1], [2, 11, 4], [39, 38, 37, 36, 35, 34, 33, 32, 31]]
     tables = [[b * split + i for b in table for i in range(split)] for table in tables]
     # a prompt of 70 tokens from position 50 (three chunks), one decode at 20, one at 140

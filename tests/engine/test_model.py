@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sirocco.models.mistral import MistralModel, PackedLinear, can_pack
+from sirocco.models.mistral import MistralModel, PackedLinear, bf16_dot_products, can_pack
 from tests.engine.conftest import make_checkpoint
 
 ATOL = 1e-4
@@ -109,22 +109,29 @@ def test_packed_linear_layers_give_the_plain_layers_logits(tied, dtype):
         torch.testing.assert_close(got, expected, **tolerance)
 
 
-@pytest.mark.skipif(not PACKS["float32"], reason="this CPU has no oneDNN")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("in_features,out_features", [(576, 960), (1536, 576), (576, 49152)])
 @torch.inference_mode()
-def test_a_packed_row_is_the_same_alone_and_in_any_batch(in_features, out_features):
+def test_a_packed_row_is_the_same_alone_and_in_any_batch(in_features, out_features, dtype):
     """A token's projection does not depend on how many other rows share the batch
-    (float32, SmolLM2's layer shapes): bitwise, alone (decode of one stream), in small
-    batches and in a long prefill chunk, at any offset."""
+    (SmolLM2's layer shapes): bitwise, alone (decode of one stream), in small batches and in
+    a long prefill chunk, at any offset. float32 runs oneDNN; bfloat16 Sirocco's kernel."""
+    if not PACKS[dtype] or (dtype == "bfloat16" and not bf16_dot_products()):
+        pytest.skip(f"no packed {dtype} layers on this CPU")
     g = torch.Generator().manual_seed(3)
     weight = torch.randn(out_features, in_features, generator=g) / in_features ** 0.5
-    layer = PackedLinear(weight)
     x = torch.randn(600, in_features, generator=g)
+    weight, x = weight.to(getattr(torch, dtype)), x.to(getattr(torch, dtype))
+    layer = PackedLinear(weight)
+    assert layer.own_kernel == (dtype == "bfloat16")
     reference = layer(x)
     for rows, offset in [(1, 0), (1, 37), (2, 5), (3, 100), (7, 1), (16, 300), (129, 20),
                          (511, 88)]:
         got = layer(x[offset:offset + rows].clone())
         assert torch.equal(got, reference[offset:offset + rows]), (rows, offset)
+    # against float64 over the same bfloat16 values: one rounding of a float32 sum
+    expected = (x.double() @ weight.double().T)
+    torch.testing.assert_close(reference.double(), expected, rtol=1e-2, atol=1e-2)
 
 
 def test_the_engine_packs_weights_on_cpu_where_it_can(tiny):
