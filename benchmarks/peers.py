@@ -11,7 +11,8 @@ ranges) of those pairs over `--repeats` rounds.
 
 - Sirocco: `sirocco serve --model <the GGUF>` as the README starts it, once per `--sirocco`
   (flags added to that command; by default the default mode, float32 rows on the file's own
-  int4 blocks, and `--dtype bfloat16 --quantization none`, vLLM's precision). Its data dir is
+  int4 blocks; `--dtype bfloat16`, the same blocks on bfloat16 rows; and `--dtype bfloat16
+  --quantization none`, vLLM's precision). Its data dir is
   kept under the cache so the GGUF is converted once.
 - llama.cpp: the `llama-cpp-python` server on the same Q4_1 GGUF, in the venv
   `benchmarks/llamacpp.py` builds (`<cache>/llamacpp-venv`; a source build, minutes).
@@ -428,8 +429,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sirocco", action="append", metavar="FLAGS",
                         help="`sirocco serve` flags of one Sirocco configuration to measure "
-                        "(repeatable); default: '' (the defaults) and '--dtype bfloat16 "
-                        "--quantization none'")
+                        "(repeatable); default: '' (the defaults), '--dtype bfloat16' (the "
+                        "file's int4 on bfloat16 rows) and '--dtype bfloat16 --quantization "
+                        "none'")
     parser.add_argument("--vllm-dtype", default="bfloat16")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "sirocco",
                         help="where the venvs, the vLLM model dir and compile cache live")
@@ -447,7 +449,7 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     logs = args.cache / "peers" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    sirocco_flags = args.sirocco or ["", "--dtype bfloat16 --quantization none"]
+    sirocco_flags = args.sirocco or ["", "--dtype bfloat16", "--dtype bfloat16 --quantization none"]
     make = {"sirocco": lambda: [sirocco_peer(gguf, args.cache, shlex.split(flags))
                                 for flags in sirocco_flags],
             "vllm": lambda: [vllm_peer(gguf, args.cache, args.vllm_dtype, logs)],

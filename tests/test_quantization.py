@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from sirocco.models.config import ModelConfig
+from sirocco.models.kernels import bf16_dot_products
 from sirocco.models.lora import attach_lora, load_peft_adapter
 from sirocco.models.mistral import MistralModel
 from sirocco.models.quantized import (
@@ -70,6 +71,25 @@ def test_int4_from_q4_1_blocks_computes_with_the_blocks_own_weights() -> None:
         assert relative_error(got, exact_product(x, dequantize_q4_1(raw))) < 1e-6
     else:  # PyTorch's kernel rounds rows, scales and offsets to bfloat16
         assert relative_error(got, exact_product(x, dequantize_q4_1(raw))) < 0.01
+
+
+@pytest.mark.skipif(not bf16_dot_products(), reason="no bfloat16 dot products on this CPU")
+def test_int4_on_bfloat16_rows_computes_with_the_blocks_own_weights() -> None:
+    """bfloat16 rows (a bfloat16 model) through the bfloat16 dot-product kernel: the
+    exact product of those rows with the file's weights, rounded once to bfloat16, and a
+    row's result the same alone and in any batch."""
+    weight, x = weights_and_rows(out_features=160, in_features=192, rows=37)
+    raw = q4_1_raw(weight)
+    layer = quantize_linear(weight, "int4", [raw])
+    assert layer.take_bfloat16_rows() and layer.input_dtype == torch.bfloat16
+    rows = x.bfloat16()
+    got = layer(rows)
+    assert got.dtype == torch.bfloat16
+    want = exact_product(rows.float(), dequantize_q4_1(raw))
+    # within a bfloat16 rounding of the output (2^-8 relative) and a float32 sum's error
+    assert ((got.float() - want).abs() <= want.abs() * 2 ** -8 + 1e-4).all()
+    for lo, hi in [(0, 1), (3, 4), (36, 37), (0, 6), (2, 13), (0, 16), (5, 21), (20, 37)]:
+        assert torch.equal(layer(rows[lo:hi]), got[lo:hi]), (lo, hi)
 
 
 def test_int8_from_q8_0_weights_recovers_the_blocks() -> None:

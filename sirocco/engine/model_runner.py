@@ -23,7 +23,7 @@ from sirocco.models.mistral import (
     can_pack,
 )
 from sirocco.models.quantized import (
-    HEAD_MODE,
+    head_mode,
     quantize_linear_layers,
     resolve_quantization,
     split_q4_1_blocks,
@@ -56,7 +56,8 @@ class ModelRunner:
             assign=True)
         if self.quantization != "none":
             swapped, adopted = quantize_linear_layers(
-                model, self.quantization, q4_1_blocks, head=HEAD_MODE[self.quantization])
+                model, self.quantization, q4_1_blocks,
+                head=head_mode(self.quantization, self.dtype), rows=self.dtype)
             logger.info("quantization %s: %d linear layers, %d of them from the file's own "
                         "Q4_1 blocks", self.quantization, swapped, adopted)
         if can_pack(self.dtype, self.device):

@@ -55,6 +55,7 @@ SIGNATURES: dict[str, tuple[list, type | None]] = {
     "sirocco_rope_store": ([_P] * 7 + [_I, _I, _I64] + [_I] * 5, None),
     "sirocco_qmatmul": ([_P] * 5 + [_I64] * 3 + [_I] * 2, _I),
     "sirocco_bf16_matmul": ([_P] * 3 + [_I64] * 3 + [_I], _I),
+    "sirocco_q4_bf16_matmul": ([_P] * 5 + [_I64] * 3 + [_I], _I),
     "sirocco_bf16_matmul_available": ([], _I),
 }
 
@@ -145,6 +146,14 @@ def library() -> Kernels | None:
                     "operators\n%s", compiler, error)
         return None
     return _load(path)
+
+
+@cache
+def bf16_dot_products() -> bool:
+    """Whether the bfloat16 kernels (`csrc/bf16_matmul.c`) run here: built, on a CPU with
+    AVX512-BF16."""
+    lib = library()
+    return lib is not None and bool(lib.holding.sirocco_bf16_matmul_available())
 
 
 def threads_for(work: float, per_thread: float) -> int:

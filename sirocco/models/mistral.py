@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 
 from sirocco.models import decoder_ops
 from sirocco.models.config import ModelConfig
-from sirocco.models.kernels import kernel, library, threads_for
+from sirocco.models.kernels import bf16_dot_products, kernel, threads_for
 from sirocco.models.paged_attention import PagedLayout, paged_attention
 
 LinearFactory = Callable[[int, int], nn.Module]
@@ -128,13 +127,6 @@ class PackedLinear(nn.Module):
 
 _TILE = 16  # outputs per tile of the bfloat16 kernel's layout (its LANES)
 _PER_THREAD = 1 << 18  # multiply-adds a thread of the bfloat16 kernel takes at least
-
-
-@cache
-def bf16_dot_products() -> bool:
-    """Whether Sirocco's bfloat16 matmul kernel runs here (built, on a CPU with AVX512-BF16)."""
-    lib = library()
-    return lib is not None and bool(lib.holding.sirocco_bf16_matmul_available())
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:

@@ -10,7 +10,7 @@ import torch
 
 from sirocco.engine import RequestTooLong, SamplingParams
 from sirocco.models import paged_attention
-from sirocco.models.mistral import bf16_dot_products
+from sirocco.models.kernels import bf16_dot_products
 from tests.engine.conftest import random_prompts
 from tests.engine.test_engine import make_engine
 

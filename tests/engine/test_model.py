@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sirocco.models.mistral import MistralModel, PackedLinear, bf16_dot_products, can_pack
+from sirocco.models.kernels import bf16_dot_products
+from sirocco.models.mistral import MistralModel, PackedLinear, can_pack
 from tests.engine.conftest import make_checkpoint
 
 ATOL = 1e-4
