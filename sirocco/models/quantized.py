@@ -149,9 +149,11 @@ class Int4Linear(nn.Module):
         """Multiply bfloat16 rows with the CPU's bfloat16 dot products (`csrc/bf16_matmul.c`:
         the same weights, each group's sum in float32, the result rounded to bfloat16) where
         the CPU has them; returns whether it does. For a bfloat16 model: float32 rows cost
-        twice the multiply-adds."""
-        if self.own_kernel and bf16_dot_products():
+        twice the multiply-adds. The scales and offsets are then kept in float16 (a Q4_1
+        block's own: its weights unchanged), a quarter fewer bytes to read a token."""
+        if self.own_kernel and bf16_dot_products() and self.input_dtype != torch.bfloat16:
             self.input_dtype = torch.bfloat16
+            self.scales, self.offsets = self.scales.half(), self.offsets.half()
         return self.input_dtype == torch.bfloat16
 
     def forward(self, x: Tensor) -> Tensor:
