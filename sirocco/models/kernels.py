@@ -156,6 +156,29 @@ def bf16_dot_products() -> bool:
     return lib is not None and bool(lib.holding.sirocco_bf16_matmul_available())
 
 
+# The matmul kernels' layouts hold outputs in tiles of LANES (csrc/lanes.h); a thread takes
+# at least MATMUL_PER_THREAD multiply-adds.
+TILE = 16
+MATMUL_PER_THREAD = 1 << 18
+
+
+def matmul(name: str, x: torch.Tensor, weights: tuple[torch.Tensor, ...], out_features: int,
+           dtype: torch.dtype, *options: int) -> torch.Tensor:
+    """y = x W^T by the matmul kernel `name`: rows of x in `dtype` (any leading shape), the
+    weight tensors' pointers, y, M, N, K, then `options` and the thread count, as each of
+    csrc/qmatmul.c's and csrc/bf16_matmul.c's entry points takes them. y is in `dtype`."""
+    rows = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    m, k = rows.shape
+    y = torch.empty(m, out_features, dtype=dtype)
+    work = m * out_features * k
+    status = kernel(name, work)(rows.data_ptr(), *(w.data_ptr() for w in weights), y.data_ptr(),
+                                m, out_features, k, *options,
+                                threads_for(work, MATMUL_PER_THREAD))
+    if status != 0:
+        raise MemoryError(f"{name} could not allocate its row panel")
+    return y.view(*x.shape[:-1], out_features)
+
+
 def threads_for(work: float, per_thread: float) -> int:
     """Threads for a call of `work` (in the caller's units): one where the work is under
     `per_thread`, at most `torch.get_num_threads()`."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from sirocco.models import decoder_ops
 from sirocco.models.config import ModelConfig
-from sirocco.models.kernels import bf16_dot_products, kernel, threads_for
+from sirocco.models.kernels import TILE, bf16_dot_products, matmul
 from sirocco.models.paged_attention import PagedLayout, paged_attention
 
 LinearFactory = Callable[[int, int], nn.Module]
@@ -92,11 +92,11 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.input_dtype = weight.dtype
-        self.own_kernel = (weight.dtype == torch.bfloat16 and self.out_features % _TILE == 0
+        self.own_kernel = (weight.dtype == torch.bfloat16 and self.out_features % TILE == 0
                            and self.in_features % 2 == 0 and bf16_dot_products())
         if self.own_kernel:
             n, k = weight.shape
-            self.packed = (weight.detach().reshape(n // _TILE, _TILE, k // 2, 2)
+            self.packed = (weight.detach().reshape(n // TILE, TILE, k // 2, 2)
                            .transpose(1, 2).contiguous())
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(),
@@ -113,20 +113,7 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
     def _bf16_matmul(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        m = rows.shape[0]
-        y = torch.empty(m, self.out_features, dtype=torch.bfloat16)
-        work = m * self.out_features * self.in_features
-        status = kernel("sirocco_bf16_matmul", work)(
-            rows.data_ptr(), self.packed.data_ptr(), y.data_ptr(), m, self.out_features,
-            self.in_features, threads_for(work, _PER_THREAD))
-        if status != 0:
-            raise MemoryError("the bfloat16 matmul kernel could not allocate its row panel")
-        return y.view(*x.shape[:-1], self.out_features)
-
-
-_TILE = 16  # outputs per tile of the bfloat16 kernel's layout (its LANES)
-_PER_THREAD = 1 << 18  # multiply-adds a thread of the bfloat16 kernel takes at least
+        return matmul("sirocco_bf16_matmul", x, (self.packed,), self.out_features, torch.bfloat16)
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -172,9 +159,9 @@ class AttentionBatch:
 
     slot_mapping: [T] flat KV-cache slot (block * block_size + offset) of each new token;
     None for a forward without a KV cache.
-    paged: set where the batch-invariant kernel serves (CPU, float32 or bfloat16 weights, a
-    float32 cache): every token attends over the cache by its own position and block table,
-    and `groups` are not used.
+    paged: set where the batch-invariant kernel serves (CPU, float32 or bfloat16, the cache
+    in the model's dtype): every token attends over the cache by its own position and block
+    table, and `groups` are not used.
     """
 
     groups: list[AttentionGroup]

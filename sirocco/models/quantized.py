@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sirocco.models.kernels import bf16_dot_products, kernel, library, threads_for
+from sirocco.models.kernels import TILE as _TILE
+from sirocco.models.kernels import bf16_dot_products, library, matmul
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,8 @@ QUANTIZATIONS = ("auto", "none", "int8", "int4")
 # Q8_0), and int4 re-quantized it made SmolLM2 answer "L'Étoile" for the capital of France.
 HEAD_MODE = {"int8": "int8", "int4": "int8"}
 GROUP_SIZE = 32  # inputs per scale, both modes (the kernel's GROUP)
-_TILE = 16  # outputs per tile of the kernel's layout (its LANES)
 _TORCH_DTYPE = torch.bfloat16  # PyTorch's int4 kernels take bfloat16 rows
 _INNER_K_TILES = 2  # int4 packing parameter of PyTorch's kernels
-_PER_THREAD = 1 << 18  # multiply-adds a thread takes at least
 
 
 def head_mode(mode: str, rows: torch.dtype) -> str | None:
@@ -66,34 +65,6 @@ def _tiles(t: Tensor) -> Tensor:
     """[out, n] -> [out / 16, n, 16]: each tile's 16 outputs side by side."""
     out, n = t.shape
     return t.reshape(out // _TILE, _TILE, n).transpose(1, 2).contiguous()
-
-
-def _qmatmul(x: Tensor, weights: Tensor, scales: Tensor, offsets: Tensor, out_features: int,
-             bits: int) -> Tensor:
-    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    m, k = rows.shape
-    y = torch.empty(m, out_features)
-    work = m * out_features * k
-    status = kernel("sirocco_qmatmul", work)(
-        rows.data_ptr(), weights.data_ptr(), scales.data_ptr(), offsets.data_ptr(), y.data_ptr(),
-        m, out_features, k, bits, threads_for(work, _PER_THREAD))
-    if status != 0:
-        raise MemoryError("the quantized matmul kernel could not allocate its row panel")
-    return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
-
-
-def _q4_bf16_matmul(x: Tensor, weights: Tensor, scales: Tensor, offsets: Tensor,
-                    out_features: int) -> Tensor:
-    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-    m, k = rows.shape
-    y = torch.empty(m, out_features, dtype=torch.bfloat16)
-    work = m * out_features * k
-    status = kernel("sirocco_q4_bf16_matmul", work)(
-        rows.data_ptr(), weights.data_ptr(), scales.data_ptr(), offsets.data_ptr(), y.data_ptr(),
-        m, out_features, k, threads_for(work, _PER_THREAD))
-    if status != 0:
-        raise MemoryError("the quantized matmul kernel could not allocate its row panel")
-    return y.reshape(*x.shape[:-1], out_features)
 
 
 class Int4Linear(nn.Module):
@@ -158,9 +129,11 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.own_kernel and self.input_dtype == torch.bfloat16:
-            return _q4_bf16_matmul(x, self.packed, self.scales, self.offsets, self.out_features)
+            return matmul("sirocco_q4_bf16_matmul", x, (self.packed, self.scales, self.offsets),
+                          self.out_features, torch.bfloat16)
         if self.own_kernel:
-            return _qmatmul(x, self.packed, self.scales, self.offsets, self.out_features, 4)
+            return matmul("sirocco_qmatmul", x, (self.packed, self.scales, self.offsets),
+                          self.out_features, torch.float32, 4).to(x.dtype)
         rows = x.reshape(-1, self.in_features).to(_TORCH_DTYPE)
         if self.packed.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(rows, self.packed, self.group_size,
@@ -216,7 +189,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.own_kernel:
-            return _qmatmul(x, self.q, self.scales, self.scales, self.out_features, 8)
+            return matmul("sirocco_qmatmul", x, (self.q, self.scales, self.scales),
+                          self.out_features, torch.float32, 8).to(x.dtype)
         weight = (self.q.float().view(self.out_features, -1, GROUP_SIZE)
                   * self.scales.unsqueeze(-1)).view(self.out_features, self.in_features)
         return F.linear(x.float(), weight).to(x.dtype)

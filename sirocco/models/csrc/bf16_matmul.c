@@ -8,7 +8,7 @@
  *
  * Layout (made by sirocco/models/mistral.py): outputs in tiles of LANES, the weights of a
  * tile pair by pair: w [N / LANES][K / 2][LANES][2], one 64-byte load per tile and pair. Rows
- * go ROWS at a time (the rest 8, 4, 2 and 1 at a time) and each block of rows is first
+ * go ROWS at a time (the rest 4, 2 and 1 at a time) and each block of rows is first
  * copied pair by pair ([K / 2][rows] 32-bit words), so that a row's pair is one broadcast
  * from a fixed offset; blocks of fewer rows take several tiles at a time, so that enough
  * independent sums are in flight. Threads (OpenMP) share the tiles.
@@ -59,7 +59,8 @@ static inline __attribute__((always_inline)) void tile_rows(
                                              (__m512bh)_mm512_set1_epi32((int)xp[j * R + r]));
         }
     for (int u = 0; u < T; u++)
-        for (int r = 0; r < R; r++) store_bf16_lanes(y + (m0 + r) * N + (t0 + u) * LANES, acc[u][r]);
+        for (int r = 0; r < R; r++)
+            store_bf16_lanes(y + (m0 + r) * N + (t0 + u) * LANES, acc[u][r]);
 }
 
 /* The same for 4-bit weights (qmatmul.c's layout and formula, w = q s + z per group of
@@ -104,7 +105,8 @@ static inline __attribute__((always_inline)) void q4_tile_rows(
         }
     }
     for (int u = 0; u < T; u++)
-        for (int r = 0; r < R; r++) store_bf16_lanes(y + (m0 + r) * N + (t0 + u) * LANES, acc[u][r]);
+        for (int r = 0; r < R; r++)
+            store_bf16_lanes(y + (m0 + r) * N + (t0 + u) * LANES, acc[u][r]);
 }
 
 /* Tiles [t0, t1) (at most UNIT) for every block of rows: UNIT tiles at a time where the
@@ -143,7 +145,8 @@ static inline __attribute__((always_inline)) void unit_rows(
 /* Both kernels: rows panelled pair by pair (and their group sums, for 4 bits), then the
  * tiles shared between threads. */
 static int matmul(const uint16_t *x, const void *w, const uint16_t *scales,
-                  const uint16_t *offsets, uint16_t *y, int64_t M, int64_t N, int64_t K, const int q4, int threads) {
+                  const uint16_t *offsets, uint16_t *y, int64_t M, int64_t N, int64_t K,
+                  const int q4, int threads) {
     const int64_t pairs = K / 2, groups = K / GROUP;
     const uint32_t *rows = (const uint32_t *)x;
     /* each block of rows pair by pair: xp[m0 * pairs + j * R + r] = pair j of row m0 + r */

@@ -21,15 +21,6 @@
 
 #include "lanes.h"
 
-static inline float load(const void *p, int bf16, int64_t i) { return load_any(p, i, bf16); }
-
-static inline void store(void *p, int bf16, int64_t i, float v) {
-    if (bf16)
-        ((uint16_t *)p)[i] = to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-
 /* x [rows, dim] (float32, the residual stream): x += delta where delta [rows, dim] is given,
  * then out = x / sqrt(mean(x^2) + eps) * weight. The sum of squares puts element d in lane
  * d % 16 and adds the lanes in a fixed tree. */
@@ -76,9 +67,9 @@ void sirocco_silu_mul(const void *gate_up, void *out, int in_bf16, int out_bf16,
     for (int64_t r = 0; r < rows; r++) {
         const int64_t in_row = r * 2 * inter, out_row = r * inter;
         for (int64_t i = 0; i < inter; i++) {
-            const float g = load(gate_up, in_bf16, in_row + i);
-            const float u = load(gate_up, in_bf16, in_row + inter + i);
-            store(out, out_bf16, out_row + i, g / (1.0f + exp_clamped(-g, 88.0f)) * u);
+            const float g = load_any(gate_up, in_row + i, in_bf16);
+            const float u = load_any(gate_up, in_row + inter + i, in_bf16);
+            store_any(out, out_row + i, g / (1.0f + exp_clamped(-g, 88.0f)) * u, out_bf16);
         }
     }
 }
@@ -108,16 +99,17 @@ void sirocco_rope_store(const void *qkv, const float *cos_, const float *sin_,
                                      : (block * KVH + (h - H)) * D * block_size + offset;
             const int64_t step = h < H ? 1 : block_size;
             for (int d = 0; d < half; d++) {
-                const float x = load(qkv, in_bf16, src + d);
-                const float y = load(qkv, in_bf16, src + d + half);
-                store(dst, bf16, at + d * step, x * c[d] + (-y) * s[d]);
-                store(dst, bf16, at + (d + half) * step, y * c[d + half] + x * s[d + half]);
+                const float x = load_any(qkv, src + d, in_bf16);
+                const float y = load_any(qkv, src + d + half, in_bf16);
+                store_any(dst, at + d * step, x * c[d] + (-y) * s[d], bf16);
+                store_any(dst, at + (d + half) * step, y * c[d + half] + x * s[d + half], bf16);
             }
         }
         for (int h = 0; h < KVH; h++) {
             const int64_t src = t * row + (int64_t)(H + KVH + h) * D;
             const int64_t at = (slots[t] * KVH + h) * D;
-            for (int d = 0; d < D; d++) store(v_cache, cache_bf16, at + d, load(qkv, in_bf16, src + d));
+            for (int d = 0; d < D; d++)
+                store_any(v_cache, at + d, load_any(qkv, src + d, in_bf16), cache_bf16);
         }
     }
 }

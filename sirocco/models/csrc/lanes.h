@@ -88,4 +88,12 @@ static inline float load_any(const void *p, int64_t i, const int bf16) {
     return bf16 ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+/* v into element i of such an array (rounded to nearest even for bfloat16) */
+static inline void store_any(void *p, int64_t i, float v, const int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
 #endif

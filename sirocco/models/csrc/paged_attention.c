@@ -59,6 +59,15 @@ static inline __attribute__((always_inline)) void score_block(
             store_lanes(s + h * s_stride + u * LANES, acc[h][u] * scale);
 }
 
+/* CASE(n) with n a constant 1..4 (at most MAX_HEADS, COLUMNS): the value of `n`. */
+#define ONE_TO_FOUR(n, CASE) \
+    switch (n) {             \
+    case 4: CASE(4); break;  \
+    case 3: CASE(3); break;  \
+    case 2: CASE(2); break;  \
+    default: CASE(1);        \
+    }
+
 static void score_heads(const float *qh, const void *keys, const int64_t *kt, int64_t stride,
                         float *s, int64_t s_stride, int D, float scale, int hg, int count,
                         int bf16) {
@@ -66,12 +75,7 @@ static void score_heads(const float *qh, const void *keys, const int64_t *kt, in
                                            COUNT, BF16)
 #define SCORE(HG) count == UNROLL ? (bf16 ? BLOCK(HG, UNROLL, 1) : BLOCK(HG, UNROLL, 0)) \
                                   : (bf16 ? BLOCK(HG, 1, 1) : BLOCK(HG, 1, 0))
-    switch (hg) {
-    case 4: SCORE(4); break;
-    case 3: SCORE(3); break;
-    case 2: SCORE(2); break;
-    default: SCORE(1);
-    }
+    ONE_TO_FOUR(hg, SCORE)
 #undef SCORE
 #undef BLOCK
 }
@@ -111,30 +115,28 @@ static inline __attribute__((always_inline)) void value_block(
         for (int c = 0; c < NC; c++) store_lanes(o + h * D + c0 + c * LANES, acc[h][c]);
 }
 
+/* value_block for HG heads (a constant where it is inlined) and nc columns from c0 */
+static inline __attribute__((always_inline)) void value_columns(
+        const float *p, int64_t p_stride, const void *v_cache, const int32_t *table,
+        int block_size, int KVH, int kvh, int D, int lo, int pos, float *o, int c0,
+        const int HG, int nc, int bf16) {
+#define VALUES(NC) (bf16 ? value_block(p, p_stride, v_cache, table, block_size, KVH, kvh, D, \
+                                       lo, pos, o, c0, HG, NC, 1)                           \
+                         : value_block(p, p_stride, v_cache, table, block_size, KVH, kvh, D, \
+                                       lo, pos, o, c0, HG, NC, 0))
+    ONE_TO_FOUR(nc, VALUES)
+#undef VALUES
+}
+
 static void value_heads(const float *p, int64_t p_stride, const void *v_cache,
                         const int32_t *table, int block_size, int KVH, int kvh, int D, int lo,
                         int pos, float *o, int hg, int bf16) {
     for (int c0 = 0; c0 < D; c0 += COLUMNS * LANES) {
         const int nc = (D - c0) / LANES < COLUMNS ? (D - c0) / LANES : COLUMNS;
-#define VALUES(HG, NC) (bf16 ? value_block(p, p_stride, v_cache, table, block_size, KVH, kvh, \
-                                           D, lo, pos, o, c0, HG, NC, 1)                     \
-                            : value_block(p, p_stride, v_cache, table, block_size, KVH, kvh, \
-                                           D, lo, pos, o, c0, HG, NC, 0))
-#define COLUMN_CASES(HG)                                                                  \
-        switch (nc) {                                                                     \
-        case 4: VALUES(HG, 4); break;                                                     \
-        case 3: VALUES(HG, 3); break;                                                     \
-        case 2: VALUES(HG, 2); break;                                                     \
-        default: VALUES(HG, 1);                                                           \
-        }
-        switch (hg) {
-        case 4: COLUMN_CASES(4); break;
-        case 3: COLUMN_CASES(3); break;
-        case 2: COLUMN_CASES(2); break;
-        default: COLUMN_CASES(1);
-        }
-#undef COLUMN_CASES
-#undef VALUES
+#define HEADS(HG) value_columns(p, p_stride, v_cache, table, block_size, KVH, kvh, D, lo, pos, \
+                                o, c0, HG, nc, bf16)
+        ONE_TO_FOUR(hg, HEADS)
+#undef HEADS
     }
 }
 
