@@ -194,8 +194,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # One fused op (it accumulates in float32, as transformers' RMSNorm does).
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # One fused op (it accumulates in float32, as transformers' RMSNorm does). The
+        # weight may be held in float32 for the fused kernels (`float32_layer_norms`).
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, weight.shape, weight, self.eps)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> Tensor:
@@ -320,7 +322,7 @@ class DecoderLayer(nn.Module):
         """`x` is the float32 residual stream; the layer computes in the weights' dtype."""
         if batch.paged is not None:
             return self._forward_paged(x, cos, sin, batch, kv_cache)
-        dtype = self.attention_norm.weight.dtype
+        dtype = cos.dtype  # the weights' (the norms' may be float32: float32_layer_norms)
         x = x + self.attention(self.attention_norm(x.to(dtype)), cos, sin, batch, kv_cache)
         return x + self.feed_forward(self.ffn_norm(x.to(dtype)))
 

@@ -31,9 +31,15 @@
 #include "fast_exp.h"
 #include "lanes.h"
 
+/* How much goes together (no arithmetic changes with these: they only share loads): */
+#if defined(SIROCCO_AVX2)  /* 16 registers of 8 floats: fewer accumulators at once */
+#define UNROLL 2
+#define COLUMNS 2
+#else
 #define UNROLL 4   /* groups of LANES keys scored together */
-#define MAX_HEADS 4  /* query heads of one KV head scored (and their values summed) together */
 #define COLUMNS 4  /* vectors of LANES output dimensions a pass over the values sums */
+#endif
+#define MAX_HEADS 4  /* query heads of one KV head scored (and their values summed) together */
 
 /* Scores of HG query heads (head h at qh + h * D) against COUNT groups of LANES keys,
  * transposed: key l of group u, dimension d at element kt[u] + d * stride + l of `keys`
@@ -45,18 +51,22 @@ static inline __attribute__((always_inline)) void score_block(
         const float *restrict qh, const void *keys, const int64_t *kt, const int64_t stride,
         float *restrict s, const int64_t s_stride, const int D, const float scale,
         const int HG, const int COUNT, const int BF16) {
-    lanes_t acc[MAX_HEADS][UNROLL];
-    for (int h = 0; h < HG; h++)
-        for (int u = 0; u < COUNT; u++) acc[h][u] = splat(0.0f);
-    for (int d = 0; d < D; d++)
-        for (int u = 0; u < COUNT; u++) {
-            const lanes_t k = load_any_lanes(keys, kt[u] + d * stride, BF16);
-            for (int h = 0; h < HG; h++)
-                acc[h][u] = fma_lanes(splat(qh[h * D + d]), k, acc[h][u]);
-        }
+    vec_t acc[MAX_HEADS][UNROLL][VECS];
     for (int h = 0; h < HG; h++)
         for (int u = 0; u < COUNT; u++)
-            store_lanes(s + h * s_stride + u * LANES, acc[h][u] * scale);
+            for (int e = 0; e < VECS; e++) acc[h][u][e] = vec_splat(0.0f);
+    for (int d = 0; d < D; d++)
+        for (int u = 0; u < COUNT; u++)
+            for (int e = 0; e < VECS; e++) {
+                const vec_t k = vec_load_any(keys, kt[u] + d * stride + e * VEC, BF16);
+                for (int h = 0; h < HG; h++)
+                    acc[h][u][e] = vec_fma(vec_splat(qh[h * D + d]), k, acc[h][u][e]);
+            }
+    const vec_t scales = vec_splat(scale);
+    for (int h = 0; h < HG; h++)
+        for (int u = 0; u < COUNT; u++)
+            for (int e = 0; e < VECS; e++)
+                vec_store(s + h * s_stride + u * LANES + e * VEC, vec_mul(acc[h][u][e], scales));
 }
 
 /* CASE(n) with n a constant 1..4 (at most MAX_HEADS, COLUMNS): the value of `n`. */
@@ -80,9 +90,14 @@ static void score_heads(const float *qh, const void *keys, const int64_t *kt, in
 #undef BLOCK
 }
 
-/* The heads a pass takes together: a divisor of the g query heads of a KV head. */
+/* The heads a pass takes together: a divisor of the g query heads of a KV head (with
+ * AVX2, at most 3: 4 heads' accumulators would not fit in its 16 registers). */
 static inline int heads_at_once(int g) {
+#if defined(SIROCCO_AVX2)
+    return g % 3 == 0 ? 3 : g % 2 == 0 ? 2 : 1;
+#else
     return g % 4 == 0 ? 4 : g % 3 == 0 ? 3 : g % 2 == 0 ? 2 : 1;
+#endif
 }
 
 /* Dimensions [c0, c0 + NC * LANES) of the outputs of HG query heads: o[h * D + d] is the
@@ -94,9 +109,10 @@ static inline __attribute__((always_inline)) void value_block(
         const int32_t *restrict table, const int block_size, const int KVH, const int kvh,
         const int D, const int lo, const int pos, float *restrict o, const int c0,
         const int HG, const int NC, const int BF16) {
-    lanes_t acc[MAX_HEADS][COLUMNS];
+    vec_t acc[MAX_HEADS][COLUMNS][VECS];
     for (int h = 0; h < HG; h++)
-        for (int c = 0; c < NC; c++) acc[h][c] = splat(0.0f);
+        for (int c = 0; c < NC; c++)
+            for (int e = 0; e < VECS; e++) acc[h][c][e] = vec_splat(0.0f);
     for (int b = lo / block_size; b <= pos / block_size; b++) {
         const int b0 = b * block_size;
         const int j0 = lo > b0 ? lo : b0;
@@ -104,15 +120,18 @@ static inline __attribute__((always_inline)) void value_block(
         const int64_t vb = ((int64_t)table[b] * block_size * KVH + kvh) * D + c0;
         for (int j = j0; j <= j1; j++) {
             const int64_t v = vb + (int64_t)(j - b0) * KVH * D;
-            for (int c = 0; c < NC; c++) {
-                const lanes_t vv = load_any_lanes(v_cache, v + c * LANES, BF16);
-                for (int h = 0; h < HG; h++)
-                    acc[h][c] = fma_lanes(splat(p[h * p_stride + j]), vv, acc[h][c]);
-            }
+            for (int c = 0; c < NC; c++)
+                for (int e = 0; e < VECS; e++) {
+                    const vec_t vv = vec_load_any(v_cache, v + c * LANES + e * VEC, BF16);
+                    for (int h = 0; h < HG; h++)
+                        acc[h][c][e] = vec_fma(vec_splat(p[h * p_stride + j]), vv, acc[h][c][e]);
+                }
         }
     }
     for (int h = 0; h < HG; h++)
-        for (int c = 0; c < NC; c++) store_lanes(o + h * D + c0 + c * LANES, acc[h][c]);
+        for (int c = 0; c < NC; c++)
+            for (int e = 0; e < VECS; e++)
+                vec_store(o + h * D + c0 + c * LANES + e * VEC, acc[h][c][e]);
 }
 
 /* value_block for HG heads (a constant where it is inlined) and nc columns from c0 */

@@ -23,7 +23,11 @@
 #include "lanes.h"
 
 #define GROUP 32
+#if defined(SIROCCO_AVX2)
+#define ROWS 4  /* 16 registers: a block's accumulators must fit beside the weights */
+#else
 #define ROWS 16
+#endif
 #define UNIT 4  /* tiles a thread takes at a time */
 
 /* LANES bytes as LANES int32 */
@@ -51,6 +55,90 @@ static inline ilanes_t widen_s8(const int8_t *p) {
 static inline int block_rows(int64_t left) {
     return left >= ROWS ? ROWS : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
 }
+
+#if defined(SIROCCO_AVX2)
+/* tile_rows (below) in 256-bit registers: each tile's LANES outputs as two halves of 8. The
+ * same operations in the same order, so the same bits: GCC spills the generic 16-float
+ * values of the portable code to memory where the CPU has no 512-bit registers. */
+static inline __attribute__((always_inline)) void tile_rows_avx2(
+        const float *restrict xp, const uint8_t *restrict w, const float *restrict scales,
+        const float *restrict offsets, float *restrict y, int64_t N, int64_t K, const int bits,
+        int64_t t0, const int T, int64_t m0, const int R) {
+    __m256 acc[UNIT][ROWS][2];
+    for (int u = 0; u < T; u++)
+        for (int r = 0; r < R; r++) acc[u][r][0] = acc[u][r][1] = _mm256_setzero_ps();
+    const int64_t groups = K / GROUP;
+    const __m256i low_nibble = _mm256_set1_epi32(15);
+    for (int64_t g = 0; g < groups; g++) {
+        for (int kk = 0; kk < GROUP; kk += 2) {
+            const int64_t k = g * GROUP + kk;
+            for (int u = 0; u < T; u++) {
+                const int64_t t = t0 + u;
+                const float *s = scales + (t * groups + g) * LANES;
+                const float *z = offsets + (t * groups + g) * LANES;
+                __m256 w0[2], w1[2];
+                for (int h = 0; h < 2; h++) {
+                    __m256i q0, q1;
+                    if (bits == 4) {
+                        const __m256i both = _mm256_cvtepu8_epi32(
+                            _mm_loadl_epi64((const __m128i *)(w + (t * (K / 2) + k / 2) * LANES
+                                                              + 8 * h)));
+                        q0 = _mm256_and_si256(both, low_nibble);
+                        q1 = _mm256_srli_epi32(both, 4);
+                    } else {
+                        const int8_t *b = (const int8_t *)w + (t * K + k) * LANES + 8 * h;
+                        q0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b));
+                        q1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + LANES)));
+                    }
+                    const __m256 sh = _mm256_loadu_ps(s + 8 * h);
+                    w0[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), sh);
+                    w1[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(q1), sh);
+                    if (bits == 4) {
+                        const __m256 zh = _mm256_loadu_ps(z + 8 * h);
+                        w0[h] = _mm256_add_ps(w0[h], zh);
+                        w1[h] = _mm256_add_ps(w1[h], zh);
+                    }
+                }
+                for (int r = 0; r < R; r++) {
+                    const __m256 x0 = _mm256_broadcast_ss(xp + k * R + r);
+                    const __m256 x1 = _mm256_broadcast_ss(xp + (k + 1) * R + r);
+                    for (int h = 0; h < 2; h++)
+                        acc[u][r][h] = _mm256_fmadd_ps(x1, w1[h],
+                                                       _mm256_fmadd_ps(x0, w0[h], acc[u][r][h]));
+                }
+            }
+        }
+    }
+    for (int u = 0; u < T; u++)
+        for (int r = 0; r < R; r++)
+            for (int h = 0; h < 2; h++)
+                _mm256_storeu_ps(y + (m0 + r) * N + (t0 + u) * LANES + 8 * h, acc[u][r][h]);
+}
+
+/* Tiles [t0, t1) (at most UNIT) for every block of rows: at most 8 accumulators at once. */
+static inline __attribute__((always_inline)) void unit_rows(
+        const float *xp, const uint8_t *w, const float *scales, const float *offsets, float *y,
+        int64_t M, int64_t N, int64_t K, const int bits, int64_t t0, int64_t t1) {
+#define ROWS_OF(T, t, R) \
+    tile_rows_avx2(xp + m0 * K, w, scales, offsets, y, N, K, bits, t, T, m0, R)
+    for (int64_t m0 = 0; m0 < M;) {
+        const int R = block_rows(M - m0);
+        if (t1 - t0 == UNIT && R == 1) {
+            ROWS_OF(UNIT, t0, 1);
+        } else if (t1 - t0 == UNIT && R == 2) {
+            ROWS_OF(2, t0, 2), ROWS_OF(2, t0 + 2, 2);
+        } else {
+            for (int64_t t = t0; t < t1; t++) {
+                if (R == 4) ROWS_OF(1, t, 4);
+                else if (R == 2) ROWS_OF(1, t, 2);
+                else ROWS_OF(1, t, 1);
+            }
+        }
+        m0 += R;
+    }
+#undef ROWS_OF
+}
+#else
 
 /* Rows [m0, m0 + R) of tiles t0 .. t0 + T - 1, the rows' inputs at xp [K][R]. R, T and bits
  * are constants at each call (the compiler keeps the T * R accumulators in registers). A
@@ -128,6 +216,7 @@ static inline __attribute__((always_inline)) void unit_rows(
     }
 #undef ROWS_OF
 }
+#endif
 
 /* y = x W^T for the weights above (N % LANES == 0, K % GROUP == 0); `offsets` is unused for
  * 8 bits. Returns 0, or -1 if out of memory. */
