@@ -27,6 +27,9 @@ class EngineConfig:
         params say `ignore_eos`.
     quantization: "auto", "none", "int8" or "int4": weight-only quantized linear layers
         (`models/quantized.py`).
+    decoder_stack: run the decoder layers of a step in one C call where every layer is on
+        Sirocco's kernels (`models/decoder_stack.py`; the same results); False runs them
+        from Python.
     """
 
     block_size: int = 16
@@ -39,6 +42,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     eos_token_ids: tuple[int, ...] = ()
     quantization: str = "auto"
+    decoder_stack: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1:

@@ -14,6 +14,7 @@ from sirocco.engine.scheduler import ScheduledBatch
 from sirocco.engine.sequence import Sequence
 from sirocco.models import paged_attention
 from sirocco.models.config import ModelConfig
+from sirocco.models.decoder_stack import DecoderStack
 from sirocco.models.lora import attach_lora
 from sirocco.models.mistral import (
     AttentionBatch,
@@ -68,6 +69,10 @@ class ModelRunner:
         if self.invariant_attention:
             model.float32_layer_norms()
         self.lora = attach_lora(self.model)  # adapters are added by name, at run time
+        if self.invariant_attention and config.decoder_stack:
+            self.model.decoder_stack = DecoderStack.build(self.model, self.lora)
+        logger.info("decoder layers run %s", "in one C call a step" if self.model.decoder_stack
+                    else "from Python")
 
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings

@@ -355,6 +355,8 @@ class MistralModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # A plain attribute, not a buffer: `.to(bfloat16)` must not round the frequencies.
         self.inv_freq = rope_inverse_frequencies(config)
+        # Set by the serving side where every layer runs in one C call (`decoder_stack.py`).
+        self.decoder_stack = None
 
     def forward(self, input_ids: Tensor, positions: Tensor, batch: AttentionBatch,
                 kv_caches: list[Tensor] | None = None) -> Tensor:
@@ -376,8 +378,12 @@ class MistralModel(nn.Module):
         cos, sin = emb.cos(), emb.sin()  # float32 for the paged path's kernels
         if batch.paged is None:
             cos, sin = cos.to(dtype), sin.to(dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, batch, None if kv_caches is None else kv_caches[i])
+        stack = self.decoder_stack
+        if stack is not None and stack.serves(batch, kv_caches):
+            x = stack.run(x, cos, sin, batch, kv_caches)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, batch, None if kv_caches is None else kv_caches[i])
         return self.norm(x.to(dtype))
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

@@ -93,6 +93,65 @@ def test_logprobs_are_bitwise_the_same_cold_warm_chunked_and_batched(ckpt, dtype
                      before=others) == recomputed
 
 
+@pytest.mark.skipif(not paged_attention.available(torch.float32, torch.device("cpu")),
+                    reason="no C compiler for Sirocco's kernels")
+@pytest.mark.parametrize("ckpt, quantization, dtype", [
+    ("tiny", "int4", "float32"), ("tiny_windowed", "int8", "float32"),
+    ("tiny", "int4", "bfloat16")])
+def test_the_decoder_stack_computes_bitwise_what_the_layers_compute(ckpt, quantization, dtype,
+                                                                     request):
+    """Every decoder layer of a step in one C call (`models/decoder_stack.py`) gives the
+    logprobs of the layers run one by one from Python, bit for bit: prefilled whole or 5
+    tokens a step, beside other sequences."""
+    ckpt = request.getfixturevalue(ckpt)
+    engine = functools.partial(make_engine, ckpt, dtype=dtype, quantization=quantization)
+    assert engine().runner.model.decoder_stack is not None
+    assert engine(decoder_stack=False).runner.model.decoder_stack is None
+    prompts = random_prompts([9, 23, 14, 31], seed=6)
+    others = random_prompts([17, 6, 28], seed=7)
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, prompt_logprobs=2)
+    for chunking in ({}, {"max_num_batched_tokens": 5}):
+        stacked = _logprobs(engine(**chunking), prompts, params, before=others)
+        assert stacked == _logprobs(engine(decoder_stack=False, **chunking), prompts, params,
+                                    before=others)
+
+
+def test_a_batch_with_an_adapter_runs_the_layers_from_python(tiny):
+    """The stack has no LoRA: a step where an adapter is active runs the layers (and their
+    adapters) from Python, so the adapter's answer is the same either way and differs
+    from the base model's."""
+    g = torch.Generator().manual_seed(8)
+    config = tiny.model_config
+    sizes = {"attention.wqkv": (config.hidden_size,
+                                (config.num_attention_heads + 2 * config.num_key_value_heads)
+                                * config.head_dim),
+             "attention.wo": (config.num_attention_heads * config.head_dim, config.hidden_size),
+             "feed_forward.w_gate_up": (config.hidden_size, 2 * config.intermediate_size),
+             "feed_forward.w_down": (config.intermediate_size, config.hidden_size)}
+    adapter = {f"layers.{i}.{name}": (torch.randn(4, d_in, generator=g) * 0.3,
+                                      torch.randn(d_out, 4, generator=g) * 0.3)
+               for i in range(config.num_hidden_layers) for name, (d_in, d_out) in sizes.items()}
+    prompt = random_prompts([11], seed=9)[0]
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=1)
+
+    def answers(stack: bool) -> tuple[list, list]:
+        engine = make_engine(tiny, quantization="int4", decoder_stack=stack)
+        engine.add_adapter("a", adapter)
+        got: dict[str, list] = {"base": [], "adapted": []}
+        engine.add_request("base", prompt, params)
+        engine.add_request("adapted", prompt, params, adapter="a")
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                for choice in out.outputs:
+                    got[out.request_id] += [(lp.token_id, lp.logprob)
+                                            for lp in choice.new_logprobs]
+        return got["base"], got["adapted"]
+
+    base, adapted = answers(stack=True)
+    assert (base, adapted) == answers(stack=False)
+    assert adapted != base
+
+
 def _reference(q, k_cache, v_cache, table, pos, window):
     """Attention of one query at `pos` in float64, from the slots of its block table."""
     block = k_cache.shape[1]
