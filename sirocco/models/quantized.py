@@ -7,9 +7,10 @@ group of 32 inputs of an output (w = q * scale + offset: GGUF's Q4_1); `Int8Line
 keep the layer's interface: float rows in, float rows out, no bias.
 
 On a CPU they run Sirocco's kernel (`csrc/qmatmul.c`): float32 rows, each weight
-dequantized to float32 exactly as the file defines it, one order of sums per output. So a
-layer made from a GGUF file's own blocks computes what the float32 model dequantized from that
-file computes, up to the order of its sums, and a row's result does not depend on the batch.
+dequantized to float32 from the file's own numbers (q * scale + offset rounded once), one
+order of sums per output. So a layer made from a GGUF file's own blocks computes what the
+float32 model dequantized from that file computes, up to the last bit of a weight and the
+order of its sums, and a row's result does not depend on the batch.
 In a bfloat16 model, int4 layers take bfloat16 rows instead where the CPU has bfloat16 dot
 products (`csrc/bf16_matmul.c`: the same weights, each group's sum in float32, the result
 rounded to bfloat16; 1.5x faster than float32 rows at 16 rows).

@@ -3,7 +3,8 @@
  * y [M, N] = x [M, K] W^T, where W [N, K] is kept as integers q with a float32 scale s (and,
  * for 4 bits, an offset z) per group of GROUP inputs of an output: w = q * s + z (4 bits,
  * q in 0..15, GGUF's Q4_1), w = q * s (8 bits, q in -127..127, GGUF's Q8_0). A weight is
- * dequantized to float32 exactly as the file defines it, and each output is one chain of
+ * dequantized to float32 as the file defines it (q * s + z rounded once: a fused multiply-add,
+ * which also saves an instruction a weight), and each output is one chain of
  * fused multiply-adds over k in order: a row's result is the same whatever the number of
  * rows, and it differs from the float32 model's only in the order of its sums.
  *
@@ -91,12 +92,13 @@ static inline __attribute__((always_inline)) void tile_rows_avx2(
                         q1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + LANES)));
                     }
                     const __m256 sh = _mm256_loadu_ps(s + 8 * h);
-                    w0[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), sh);
-                    w1[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(q1), sh);
                     if (bits == 4) {
                         const __m256 zh = _mm256_loadu_ps(z + 8 * h);
-                        w0[h] = _mm256_add_ps(w0[h], zh);
-                        w1[h] = _mm256_add_ps(w1[h], zh);
+                        w0[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), sh, zh);
+                        w1[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), sh, zh);
+                    } else {
+                        w0[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), sh);
+                        w1[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(q1), sh);
                     }
                 }
                 for (int r = 0; r < R; r++) {
@@ -172,12 +174,10 @@ static inline __attribute__((always_inline)) void tile_rows(
                     q0 = widen_s8(b);
                     q1 = widen_s8(b + LANES);
                 }
-                lanes_t w0 = __builtin_convertvector(q0, lanes_t) * s[u];
-                lanes_t w1 = __builtin_convertvector(q1, lanes_t) * s[u];
-                if (bits == 4) {
-                    w0 += z[u];
-                    w1 += z[u];
-                }
+                const lanes_t f0 = __builtin_convertvector(q0, lanes_t);
+                const lanes_t f1 = __builtin_convertvector(q1, lanes_t);
+                const lanes_t w0 = bits == 4 ? fma_lanes(f0, s[u], z[u]) : f0 * s[u];
+                const lanes_t w1 = bits == 4 ? fma_lanes(f1, s[u], z[u]) : f1 * s[u];
                 for (int r = 0; r < R; r++)
                     acc[u][r] = fma_lanes(splat(xp[(k + 1) * R + r]), w1,
                                           fma_lanes(splat(xp[k * R + r]), w0, acc[u][r]));
