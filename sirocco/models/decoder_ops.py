@@ -20,7 +20,7 @@ from torch import Tensor
 from sirocco.models.kernels import kernel, threads_for
 
 # Elements a thread takes at least: below, a call runs on one thread.
-_PER_THREAD = 1 << 15
+PER_THREAD = 1 << 15
 
 
 def _flag(t: Tensor) -> int:
@@ -44,7 +44,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype,
     kernel("sirocco_rms_norm", work)(
         x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
         out.data_ptr(), 0 if delta is None else _flag(delta), _flag(out), dim, rows, eps,
-        threads_for(work, _PER_THREAD))
+        threads_for(work, PER_THREAD))
     return out
 
 
@@ -55,7 +55,7 @@ def silu_mul(gate_up: Tensor, out_dtype: torch.dtype) -> Tensor:
     out = torch.empty(rows, width // 2, dtype=out_dtype)
     work = rows * width * 4
     kernel("sirocco_silu_mul", work)(gate_up.data_ptr(), out.data_ptr(), _flag(gate_up),
-                                     _flag(out), width // 2, rows, threads_for(work, _PER_THREAD))
+                                     _flag(out), width // 2, rows, threads_for(work, PER_THREAD))
     return out
 
 
@@ -76,5 +76,5 @@ def rope_store(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Te
         qkv.data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
         slots.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _flag(qkv),
         _flag(k_cache), rows, heads, kv_heads, head_dim, block_size,
-        threads_for(work, _PER_THREAD))
+        threads_for(work, PER_THREAD))
     return q

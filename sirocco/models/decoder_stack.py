@@ -3,7 +3,7 @@
 Through Python a decode step of a small model pays per layer for ~9 kernel calls (module
 calls, tensor allocations, ctypes): on SmolLM2's 30 layers a fifth of a one-stream step.
 `DecoderStack` hands the C side a plan of every layer's weights once, at load time, and runs
-all the layers in one call on buffers allocated once per step, with the kernels, arguments
+all the layers in one call (its buffers allocated once a step), with the kernels, arguments
 and thread counts the Python path uses: the results are bitwise the same
 (`tests/engine/test_invariance.py` compares the two).
 
@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sirocco.models.kernels import library
+from sirocco.models import decoder_ops, paged_attention
+from sirocco.models.kernels import MATMUL_PER_THREAD, library
 from sirocco.models.lora import LoRAContext
 from sirocco.models.mistral import AttentionBatch, MistralModel, PackedLinear
 from sirocco.models.quantized import Int4Linear, Int8Linear
@@ -56,8 +57,6 @@ class DecoderStack:
         self.head_dim = config.head_dim
         self.window = config.sliding_window or 0
         self.eps = model.layers[0].attention_norm.eps
-        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
-        self.width = 3 * self.hidden + qkv + 3 * self.heads * self.head_dim + 3 * self.inter
 
     @classmethod
     def build(cls, model: MistralModel, lora: LoRAContext | None = None) -> DecoderStack | None:
@@ -97,18 +96,17 @@ class DecoderStack:
         assert first.is_contiguous() and len(kv_caches) == self.layers
         assert (kv_caches[-1].data_ptr() - first.data_ptr()
                 == (self.layers - 1) * layer_stride * first.element_size())
-        t = x.shape[0]
-        scratch = torch.empty(t * self.width)
         cos, sin = cos.contiguous(), sin.contiguous()
         block_size = first.shape[2]
         status = library().releasing.sirocco_decoder_stack(
-            self.plan.data_ptr(), self.layers, x.data_ptr(), t, self.hidden, self.inter,
+            self.plan.data_ptr(), self.layers, x.data_ptr(), x.shape[0], self.hidden, self.inter,
             cos.data_ptr(), sin.data_ptr(), batch.slot_mapping.data_ptr(), first[0].data_ptr(),
             first[1].data_ptr(), layer_stride, int(first.dtype == torch.bfloat16),
             layout.tables.data_ptr(), layout.seq_of.data_ptr(), layout.pos_of.data_ptr(),
             layout.chunks.data_ptr(), layout.chunks.shape[0] - 1, layout.key_reads, self.heads,
             self.kv_heads, self.head_dim, block_size, layout.tables.shape[1], self.window,
-            self.head_dim ** -0.5, self.eps, scratch.data_ptr(), torch.get_num_threads())
+            self.head_dim ** -0.5, self.eps, MATMUL_PER_THREAD, decoder_ops.PER_THREAD,
+            paged_attention.PER_THREAD, torch.get_num_threads())
         if status != 0:
             raise MemoryError("the decoder stack's kernels could not allocate their buffers")
         return x

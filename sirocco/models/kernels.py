@@ -61,7 +61,7 @@ SIGNATURES: dict[str, tuple[list, type | None]] = {
     "sirocco_q4_bf16_matmul": ([_P] * 5 + [_I64] * 3 + [_I], _I),
     "sirocco_bf16_matmul_available": ([], _I),
     "sirocco_decoder_stack": ([_P, _I, _P] + [_I64] * 3 + [_P] * 5 + [_I64, _I] + [_P] * 4
-                              + [_I64] * 2 + [_I] * 6 + [_F, _F, _P, _I], _I),
+                              + [_I64] * 2 + [_I] * 6 + [_F, _F] + [_I64] * 3 + [_I], _I),
 }
 
 

@@ -68,7 +68,7 @@ def available(dtype: torch.dtype, device: torch.device) -> bool:
 
 # Multiply-adds a thread takes at least (a decode of one stream at a few hundred positions
 # is ~0.2 M: it runs on one thread).
-_PER_THREAD = 1 << 18
+PER_THREAD = 1 << 18
 
 
 def transposed_keys(k_cache: Tensor) -> Tensor:
@@ -96,7 +96,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout: PagedLa
         layout.seq_of.data_ptr(), layout.pos_of.data_ptr(), layout.chunks.data_ptr(),
         out.data_ptr(), num_chunks, heads, kv_heads, head_dim, block_size,
         layout.tables.shape[1], sliding_window or 0, head_dim ** -0.5,
-        int(k_cache.dtype == torch.bfloat16), threads_for(work, _PER_THREAD))
+        int(k_cache.dtype == torch.bfloat16), threads_for(work, PER_THREAD))
     if status != 0:
         raise MemoryError("the paged attention kernel could not allocate its scores")
     return out
